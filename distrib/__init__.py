@@ -1,0 +1,120 @@
+"""distrib: keep your PyTorch training loop; run it on one CPU, many processes, GPUs, machines or TPUs.
+
+Public names are imported lazily, so `import distrib` costs little more than `import torch`. Example::
+
+    from distrib import distributed, prepare, backward
+
+    with distributed(mixed_precision="bf16") as ctx:
+        model, optimizer, loader = prepare(model, optimizer, loader)
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> private module that defines it
+_EXPORTS: dict[str, str] = {
+    # scope and runtime
+    "distributed": "_scope",
+    "distributed_main": "_scope",
+    "current": "_runtime",
+    "Runtime": "_runtime",
+    "Settings": "_settings",
+    "DDPOptions": "_options",
+    "FSDPOptions": "_options",
+    "DeepSpeedOptions": "_options",
+    "XLAOptions": "_options",
+    # training
+    "prepare": "_prepare",
+    "unwrap_model": "_prepare",
+    "backward": "_training",
+    "accumulate": "_training",
+    "no_sync": "_training",
+    "clip_grad_norm_": "_training",
+    "clip_grad_value_": "_training",
+    "optimizer_step_was_skipped": "_training",
+    "autocast": "_precision",
+    # data
+    "skip_first_batches": "_data.loader",
+    # collectives
+    "gather": "_collectives",
+    "gather_object": "_collectives",
+    "gather_for_metrics": "_collectives",
+    "pad_across_processes": "_collectives",
+    "reduce": "_collectives",
+    "broadcast": "_collectives",
+    "broadcast_object_list": "_collectives",
+    "wait_for_everyone": "_collectives",
+    "split_between_processes": "_collectives",
+    # process control
+    "is_main_process": "_process",
+    "is_local_main_process": "_process",
+    "main_process_first": "_process",
+    "local_main_process_first": "_process",
+    "on_main_process": "_process",
+    "on_local_main_process": "_process",
+    "print": "_process",
+    "set_seed": "_process",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'distrib' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"distrib.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._collectives import (
+        broadcast,
+        broadcast_object_list,
+        gather,
+        gather_for_metrics,
+        gather_object,
+        pad_across_processes,
+        reduce,
+        split_between_processes,
+        wait_for_everyone,
+    )
+    from ._data.loader import skip_first_batches
+    from ._options import DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
+    from ._precision import autocast
+    from ._prepare import prepare, unwrap_model
+    from ._process import (
+        is_local_main_process,
+        is_main_process,
+        local_main_process_first,
+        main_process_first,
+        on_local_main_process,
+        on_main_process,
+        print,
+        set_seed,
+    )
+    from ._runtime import Runtime, current
+    from ._scope import distributed, distributed_main
+    from ._settings import Settings
+    from ._training import (
+        accumulate,
+        backward,
+        clip_grad_norm_,
+        clip_grad_value_,
+        no_sync,
+        optimizer_step_was_skipped,
+    )

@@ -1,0 +1,239 @@
+"""The one place where distrib reads environment variables.
+
+How the process was started is detected from, in order:
+
+* torchrun / `distrib launch` / any torch elastic agent: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+  `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `MASTER_ADDR`, `MASTER_PORT`;
+* SLURM under `srun`: `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_NODEID`, `SLURM_NNODES`,
+  with the first host of `SLURM_STEP_NODELIST` (or `MASTER_ADDR`) as the rendezvous address;
+* MPI launchers: `OMPI_COMM_WORLD_*` (Open MPI) or `PMI_RANK`/`PMI_SIZE` with `MPI_LOCALRANKID`
+  (MPICH, Intel MPI), with `MASTER_ADDR`/`MASTER_PORT` (default 127.0.0.1:29500 on one machine);
+* otherwise a plain `python script.py`: one process.
+
+Settings chosen by the launcher arrive as `DISTRIB_<SETTING>` variables, one per `Settings` field
+(`DISTRIB_MIXED_PRECISION=bf16`, `DISTRIB_GRADIENT_ACCUMULATION_STEPS=4`, ...); the per-strategy option
+objects travel as JSON (`DISTRIB_FSDP='{"sharding": "grad_op"}'`). `DISTRIB_CONFIG_DIR` and
+`XDG_CONFIG_HOME` locate the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import _validation
+from ._settings import Settings, settings_field_types
+from .errors import SettingsError
+
+PREFIX = "DISTRIB_"
+Launcher = Literal["python", "torchrun", "slurm", "mpi"]
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class ProcessEnvironment:
+    """Where this process sits in the job, as read from the environment."""
+
+    launcher: Launcher = "python"
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
+    launcher_settings: Mapping[str, Any] = field(default_factory=dict)
+    restart_count: int = 0
+
+    def torch_variables(self) -> dict[str, str]:
+        """The variables `torch.distributed`'s `env://` rendezvous reads, for launchers that lack them."""
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "MASTER_ADDR": self.master_addr or "127.0.0.1",
+            "MASTER_PORT": str(self.master_port or DEFAULT_PORT),
+        }
+
+
+def read_environment(environ: Mapping[str, str] | None = None) -> ProcessEnvironment:
+    """Read rank, world size, rendezvous address and launcher settings from the environment."""
+    env = os.environ if environ is None else environ
+    settings = launcher_settings(env)
+    for reader in (_from_torchrun, _from_slurm, _from_mpi):
+        found = reader(env)
+        if found is not None:
+            return dataclasses.replace(found, launcher_settings=settings)
+    return ProcessEnvironment(launcher_settings=settings)
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    value = env.get(name)
+    if value is None or value == "":
+        if default is None:
+            raise SettingsError(f"the environment variable {name} is required by this launcher but not set.")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SettingsError(f"the environment variable {name}={value!r} must be an integer.") from None
+
+
+def _port(env: Mapping[str, str]) -> int:
+    return _int(env, "MASTER_PORT", DEFAULT_PORT)
+
+
+def _from_torchrun(env: Mapping[str, str]) -> ProcessEnvironment | None:
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    world_size = _int(env, "WORLD_SIZE")
+    local_world_size = _int(env, "LOCAL_WORLD_SIZE", world_size)
+    return ProcessEnvironment(
+        launcher="torchrun",
+        rank=_int(env, "RANK"),
+        local_rank=_int(env, "LOCAL_RANK", 0),
+        world_size=world_size,
+        local_world_size=local_world_size,
+        node_rank=_int(env, "GROUP_RANK", 0),
+        num_nodes=_int(env, "GROUP_WORLD_SIZE", max(1, world_size // max(1, local_world_size))),
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_port(env),
+        restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
+    )
+
+
+def _from_slurm(env: Mapping[str, str]) -> ProcessEnvironment | None:
+    if "SLURM_PROCID" not in env or _int(env, "SLURM_NTASKS", 1) < 2:
+        return None
+    world_size = _int(env, "SLURM_NTASKS")
+    num_nodes = _int(env, "SLURM_NNODES", 1)
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+    return ProcessEnvironment(
+        launcher="slurm",
+        rank=_int(env, "SLURM_PROCID"),
+        local_rank=_int(env, "SLURM_LOCALID", 0),
+        world_size=world_size,
+        local_world_size=max(1, world_size // num_nodes),
+        node_rank=_int(env, "SLURM_NODEID", 0),
+        num_nodes=num_nodes,
+        master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist) or "127.0.0.1",
+        master_port=_port(env),
+    )
+
+
+def _from_mpi(env: Mapping[str, str]) -> ProcessEnvironment | None:
+    if "OMPI_COMM_WORLD_RANK" in env:
+        rank, world_size = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+        local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0)
+        local_world_size = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world_size)
+    elif "PMI_RANK" in env:
+        rank, world_size = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
+        local_rank = _int(env, "MPI_LOCALRANKID", 0)
+        local_world_size = _int(env, "MPI_LOCALNRANKS", world_size)
+    else:
+        return None
+    if world_size < 2:
+        return None
+    num_nodes = max(1, world_size // max(1, local_world_size))
+    if num_nodes > 1 and "MASTER_ADDR" not in env:
+        raise SettingsError(
+            "an MPI launch over several machines needs MASTER_ADDR (the address of rank 0's machine); "
+            "export it to every rank, e.g. mpirun -x MASTER_ADDR=node0 ..."
+        )
+    return ProcessEnvironment(
+        launcher="mpi",
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        node_rank=rank // max(1, local_world_size),
+        num_nodes=num_nodes,
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_port(env),
+    )
+
+
+def first_slurm_host(nodelist: str) -> str | None:
+    """The first host of a SLURM node list such as `gpu[03-05,07],cpu1` (here: `gpu03`)."""
+    match = re.match(r"\s*([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not match:
+        return None
+    prefix, ranges = match.group(1), match.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def launcher_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Typed `Settings` values found in `DISTRIB_<FIELD>` variables."""
+    types = settings_field_types()
+    found: dict[str, Any] = {}
+    for name, tp in types.items():
+        text = environ.get(PREFIX + name.upper())
+        if text is not None:
+            found[name] = _validation.parse_text("launcher variable " + PREFIX, name.upper(), text, tp)
+    return found
+
+
+def settings_to_environment(values: Mapping[str, Any]) -> dict[str, str]:
+    """The `DISTRIB_*` variables that carry `values` (a subset of `Settings` fields) to the workers."""
+    types = settings_field_types()
+    out: dict[str, str] = {}
+    for name, value in values.items():
+        if name not in types:
+            raise SettingsError(f"{name!r} is not a setting; valid names are: {', '.join(sorted(types))}.")
+        out[PREFIX + name.upper()] = _to_text(value)
+    return out
+
+
+def _to_text(value: Any) -> str:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        plain = {
+            f.name: getattr(value, f.name)
+            for f in dataclasses.fields(value)
+            if getattr(value, f.name) != f.default and not callable(getattr(value, f.name))
+        }
+        return json.dumps(plain)
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "none" if value is None else str(value)
+
+
+def resolve_settings(code: Mapping[str, Any], environ: ProcessEnvironment) -> tuple[Settings, list[str]]:
+    """Merge code and launcher values (code wins); return the settings and one message per conflict."""
+    merged = dict(environ.launcher_settings)
+    conflicts = []
+    for name, value in code.items():
+        if name in merged and merged[name] != value:
+            conflicts.append(
+                f"setting {name!r}: the code asks for {value!r} but the launcher set {merged[name]!r} "
+                f"({PREFIX}{name.upper()}); using the code's value. Remove one of them to silence this."
+            )
+        merged[name] = value
+    return Settings.from_mapping(merged), conflicts
+
+
+def config_directory(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the config file lives: $DISTRIB_CONFIG_DIR, else $XDG_CONFIG_HOME/distrib, else ~/.config/distrib."""
+    env = os.environ if environ is None else environ
+    if env.get("DISTRIB_CONFIG_DIR"):
+        return Path(env["DISTRIB_CONFIG_DIR"])
+    if env.get("XDG_CONFIG_HOME"):
+        return Path(env["XDG_CONFIG_HOME"]) / "distrib"
+    return Path(env.get("HOME", str(Path.home()))) / ".config" / "distrib"
+
+
+def cuda_visible_devices(environ: Mapping[str, str] | None = None) -> str | None:
+    """The `CUDA_VISIBLE_DEVICES` value, if set."""
+    env = os.environ if environ is None else environ
+    return env.get("CUDA_VISIBLE_DEVICES")

@@ -1,0 +1,151 @@
+"""The runtime: a frozen record of where this process runs, on a thread-local stack.
+
+`distributed(...)` pushes a `Runtime`; the free functions read the top of the stack with `current()`.
+Everything that changes during training (the accumulation window, the prepared objects) lives in the one
+explicitly mutable `TrainingState` that the runtime points to.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ._settings import Settings
+from .errors import NoScopeError
+
+
+@dataclass(eq=False)
+class TrainingState:
+    """The mutable part of a run: accumulation window, step counters and prepared objects."""
+
+    sync_gradients: bool = True
+    micro_step: int = 0  # micro-batches seen in the current accumulation window
+    window_size: int = 1  # micro-batches in the current window (shorter at the end of a dataloader)
+    optimizer_steps: int = 0
+    optimizer_step_skipped: bool = False
+    active_dataloader: Any = None
+    models: list[Any] = field(default_factory=list)
+    optimizers: list[Any] = field(default_factory=list)
+    schedulers: list[Any] = field(default_factory=list)
+    dataloaders: list[Any] = field(default_factory=list)
+    scaler: Any = None
+    custom_objects: list[Any] = field(default_factory=list)
+    save_hooks: list[Any] = field(default_factory=list)
+    load_hooks: list[Any] = field(default_factory=list)
+    strategy_state: Any = None
+
+
+@dataclass(frozen=True, eq=False)
+class Runtime:
+    """Read-only view of the current run. Example::
+
+    with distributed() as ctx:
+        print(ctx.rank, ctx.world_size, ctx.device, ctx.is_main_process)
+    """
+
+    settings: Settings
+    strategy_module: ModuleType
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    device: torch.device
+    launcher: str
+    state: TrainingState = field(default_factory=TrainingState)
+    owns_process_group: bool = False
+
+    @property
+    def strategy(self) -> str:
+        """The resolved strategy name ("single", "ddp", "fsdp", "deepspeed" or "xla")."""
+        return str(self.strategy_module.NAME)
+
+    @property
+    def mixed_precision(self) -> str:
+        return self.settings.mixed_precision
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.settings.gradient_accumulation_steps
+
+    @property
+    def sync_gradients(self) -> bool:
+        """False inside `accumulate()` on a micro-step whose gradients are only accumulated."""
+        return self.state.sync_gradients
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main_process(self) -> bool:
+        return self.local_rank == 0
+
+    @property
+    def is_last_process(self) -> bool:
+        return self.rank == self.world_size - 1
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def __repr__(self) -> str:
+        return (
+            f"Runtime(strategy={self.strategy!r}, rank={self.rank}, local_rank={self.local_rank}, "
+            f"world_size={self.world_size}, device={str(self.device)!r}, "
+            f"mixed_precision={self.mixed_precision!r})"
+        )
+
+
+_local = threading.local()
+
+
+def _stack() -> list[Runtime]:
+    stack: list[Runtime] | None = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def push(runtime: Runtime) -> None:
+    _stack().append(runtime)
+
+
+def pop(runtime: Runtime) -> None:
+    stack = _stack()
+    assert stack and stack[-1] is runtime, "distributed scopes must close in the reverse order of opening"
+    stack.pop()
+
+
+def depth() -> int:
+    """How many scopes are open in this thread."""
+    return len(_stack())
+
+
+def current(caller: str | None = None) -> Runtime:
+    """The runtime of the innermost open scope in this thread.
+
+    Raises `NoScopeError`, which says how to open a scope, when none is open. Example::
+
+        with distributed():
+            print(current().world_size)
+    """
+    stack = _stack()
+    if stack:
+        return stack[-1]
+    what = f"{caller}() needs" if caller else "this needs"
+    raise NoScopeError(
+        f"{what} a distrib runtime, but no scope is open in this thread. Wrap your training code in "
+        "`with distrib.distributed(...) as ctx:` or decorate your entry point with "
+        "`@distrib.distributed_main`. (Scopes are per thread: a new thread must open its own.)"
+    )
+
+
+def current_or_none() -> Runtime | None:
+    stack = _stack()
+    return stack[-1] if stack else None

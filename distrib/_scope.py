@@ -1,0 +1,157 @@
+"""`distributed(...)` and `@distributed_main`: open a scope, install the runtime, tear it down."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+import torch.distributed as dist
+
+from . import _precision, _runtime, strategies
+from ._environment import read_environment, resolve_settings
+from ._runtime import Runtime, TrainingState
+from ._settings import Settings
+from .errors import DistribWarning, SettingsError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class distributed:  # noqa: N801 - used like a function: `with distributed(...) as ctx:`
+    """Open a distrib scope: detect the launch, pick the device and strategy, create the process group.
+
+    Settings come as keywords (see `Settings`) or as one `Settings` object. The scope that created the
+    process group destroys it on exit; a scope nested in another reuses the outer group. Scopes are per
+    thread. Example::
+
+        with distributed(mixed_precision="bf16", gradient_accumulation_steps=4) as ctx:
+            model, optimizer, loader = prepare(model, optimizer, loader)
+            ...
+    """
+
+    def __init__(self, settings: Settings | None = None, /, **kwargs: Any) -> None:
+        if settings is not None and kwargs:
+            raise SettingsError("pass either a Settings object or keyword settings to distributed(), not both.")
+        if settings is not None and not isinstance(settings, Settings):
+            raise SettingsError(
+                f"distributed() takes a Settings object or keywords, got {type(settings).__name__}; "
+                "write distributed(mixed_precision='bf16', ...) or distributed(Settings(...))."
+            )
+        self._code_values = _explicit_values(settings) if settings is not None else dict(kwargs)
+        Settings.from_mapping(self._code_values)  # validate early, at the call site
+        self._runtime: Runtime | None = None
+
+    def __enter__(self) -> Runtime:
+        if self._runtime is not None:
+            raise SettingsError("this distributed(...) scope is already open; create a new one to re-enter.")
+        env = read_environment()
+        settings, conflicts = resolve_settings(self._code_values, env)
+        if conflicts and env.rank == 0:
+            for message in conflicts:
+                warnings.warn(message, DistribWarning, stacklevel=2)
+        strategy = strategies.resolve(settings, env)
+        device = strategy.choose_device(env, settings)
+        _precision.check_supported(settings.mixed_precision, device)
+        owns_group = strategy.init_process_group(env, settings, device)
+        runtime = Runtime(
+            settings=settings,
+            strategy_module=strategy,
+            rank=env.rank,
+            local_rank=env.local_rank,
+            world_size=env.world_size,
+            local_world_size=env.local_world_size,
+            node_rank=env.node_rank,
+            num_nodes=env.num_nodes,
+            device=device,
+            launcher=env.launcher,
+            state=TrainingState(),
+            owns_process_group=owns_group,
+        )
+        runtime.state.strategy_state = strategy.setup(runtime)
+        runtime.state.scaler = _precision.make_scaler(runtime)
+        self._runtime = runtime
+        _runtime.push(runtime)
+        if settings.seed is not None:
+            from ._process import set_seed
+
+            set_seed(settings.seed)
+        return runtime
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        runtime, self._runtime = self._runtime, None
+        assert runtime is not None
+        _runtime.pop(runtime)
+        runtime.strategy_module.teardown(runtime)
+        if runtime.owns_process_group:
+            close_process_group(clean=exc_type is None)
+
+
+def close_process_group(*, clean: bool) -> None:
+    """Destroy the default group; after a clean run, first wait until every rank has finished.
+
+    The barrier matters with gloo: a rank that tears its connections down while a peer still uses them
+    can make that peer abort after its work is done.
+    """
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _explicit_values(settings: Settings) -> dict[str, Any]:
+    """The fields of a Settings object that differ from the defaults (what the code asked for)."""
+    defaults = Settings()
+    return {
+        f.name: getattr(settings, f.name)
+        for f in dataclasses.fields(settings)
+        if getattr(settings, f.name) != getattr(defaults, f.name)
+    }
+
+
+@overload
+def distributed_main(fn: F, /) -> F: ...
+@overload
+def distributed_main(fn: None = None, /, **settings: Any) -> Callable[[F], F]: ...
+def distributed_main(fn: Callable[..., Any] | None = None, /, **settings: Any) -> Any:
+    """Run the decorated entry point inside `distributed(**settings)`.
+
+    The function receives the runtime as its first argument when it declares a positional parameter for
+    it (`def main(ctx): ...`); a function without parameters is called as is (use `current()` inside).
+    Works bare or with settings. Example::
+
+        @distributed_main(mixed_precision="bf16")
+        def main(ctx):
+            print(f"rank {ctx.rank} of {ctx.world_size} on {ctx.device}")
+
+        if __name__ == "__main__":
+            main()
+    """
+    if fn is not None and settings:
+        raise SettingsError("use @distributed_main or @distributed_main(**settings), not both at once.")
+    Settings.from_mapping(settings)
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        wants_ctx = _takes_positional(func)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with distributed(**settings) as ctx:
+                return func(ctx, *args, **kwargs) if wants_ctx else func(*args, **kwargs)
+
+        return wrapper
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def _takes_positional(func: Callable[..., Any]) -> bool:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = inspect.signature(func).parameters.values()
+    return any(p.kind in kinds or p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
+

@@ -1,0 +1,80 @@
+"""`Settings`: every choice a run makes, in one frozen, validated dataclass.
+
+Precedence, highest first: values given in code (`distributed(...)`), values set by the launcher (the
+`DISTRIB_*` environment variables, see `_environment.py`), the config file (read by the launcher, which
+turns it into those variables), then the defaults below. When code and launcher give different values the
+code wins and a `DistribWarning` names both, so a conflict is never resolved silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from . import _validation
+from ._options import DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
+from .errors import SettingsError
+
+StrategyName = Literal["auto", "single", "ddp", "fsdp", "deepspeed", "xla"]
+MixedPrecision = Literal["no", "fp16", "bf16", "fp8"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The settings of a `distributed(...)` scope. Build it with keyword arguments; it validates itself.
+
+    Example::
+
+        settings = Settings(mixed_precision="bf16", gradient_accumulation_steps=4)
+        with distributed(settings):   # or: with distributed(mixed_precision="bf16", ...)
+            ...
+    """
+
+    strategy: StrategyName = "auto"
+    mixed_precision: MixedPrecision = "no"
+    gradient_accumulation_steps: int = 1
+    split_batches: bool = False
+    even_batches: bool = True
+    device_placement: bool = True
+    cpu: bool = False
+    seed: int | None = None
+    dispatch_batches: bool | None = None
+    timeout: float = 1800.0
+    project_dir: str | None = None
+    total_limit: int | None = None
+    ddp: DDPOptions = field(default_factory=DDPOptions)
+    fsdp: FSDPOptions = field(default_factory=FSDPOptions)
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    xla: XLAOptions = field(default_factory=XLAOptions)
+
+    def __post_init__(self) -> None:
+        _validation.validate_fields(self)
+        if self.gradient_accumulation_steps < 1:
+            raise SettingsError(
+                f"Settings.gradient_accumulation_steps={self.gradient_accumulation_steps} must be >= 1."
+            )
+        if self.timeout <= 0:
+            raise SettingsError(f"Settings.timeout={self.timeout} must be a positive number of seconds.")
+        if self.total_limit is not None and self.total_limit < 1:
+            raise SettingsError(f"Settings.total_limit={self.total_limit} must be >= 1, or None to keep all.")
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
+        """Build settings from a mapping, with an error naming any unknown key."""
+        return _validation.build(cls, values)  # type: ignore[no-any-return]
+
+
+def settings_field_types() -> dict[str, Any]:
+    """Annotation of every settings field; the CLI derives its choices from these."""
+    return _validation.field_types(Settings)
+
+
+def choices(name: str) -> tuple[Any, ...]:
+    """The allowed values of a closed-set setting, e.g. `choices("mixed_precision")`."""
+    return _validation.literal_values(settings_field_types()[name])

@@ -1,0 +1,71 @@
+"""Exceptions and warnings raised by distrib.
+
+Every error says what was wrong and what to do instead. The tree::
+
+    DistribError                      base of everything distrib raises on purpose
+    ├── NoScopeError (RuntimeError)   a free function was called outside `distributed(...)`
+    ├── SettingsError (ValueError)    an invalid setting, config-file key or launcher variable
+    ├── PrepareError (TypeError)      `prepare()` got something it cannot prepare
+    ├── PrecisionError (ValueError)   the device cannot run the requested mixed precision
+    ├── CollectiveError (RuntimeError) a collective was given inputs the ranks disagree on
+    ├── MissingExtraError (ImportError) an optional dependency is not installed
+    ├── CheckpointError (RuntimeError) a checkpoint cannot be written or read
+    ├── LaunchError (RuntimeError)    the launcher could not start or keep the workers
+    └── DeviceMapError (ValueError)   a device map or memory budget is invalid
+
+    DistribWarning (UserWarning)      a setting was ignored or overridden
+"""
+
+from __future__ import annotations
+
+
+class DistribError(Exception):
+    """Base class of every error distrib raises on purpose."""
+
+
+class NoScopeError(DistribError, RuntimeError):
+    """A free function needs a runtime, but no `distributed(...)` scope is open in this thread."""
+
+
+class SettingsError(DistribError, ValueError):
+    """A setting has an invalid value, or two sources of settings disagree."""
+
+
+class PrepareError(DistribError, TypeError):
+    """`prepare()` was given an object it cannot prepare, or in an order it cannot handle."""
+
+
+class PrecisionError(DistribError, ValueError):
+    """The requested mixed precision cannot run on this device or setup."""
+
+
+class CollectiveError(DistribError, RuntimeError):
+    """The inputs of a collective do not agree across ranks (shapes, dtypes, structure)."""
+
+
+class MissingExtraError(DistribError, ImportError):
+    """An optional dependency is missing; the message names the `pip install` that adds it."""
+
+
+class CheckpointError(DistribError, RuntimeError):
+    """A checkpoint could not be written, found, verified or loaded."""
+
+
+class LaunchError(DistribError, RuntimeError):
+    """The launcher could not start the workers or a worker failed."""
+
+
+class DeviceMapError(DistribError, ValueError):
+    """A device map, a memory budget or an offload request is invalid."""
+
+
+class DistribWarning(UserWarning):
+    """A setting was ignored or overridden; the message says which and why."""
+
+
+def missing_extra(package: str, extra: str, purpose: str) -> MissingExtraError:
+    """Build the error for a missing optional dependency, naming the install command."""
+    return MissingExtraError(
+        f"{purpose} needs the '{package}' package, which is not installed. "
+        f"Install it with: pip install 'distrib[{extra}]'"
+    )

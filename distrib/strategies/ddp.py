@@ -1,0 +1,82 @@
+"""Data parallel over torch.distributed: every rank holds the whole model; gradients are all-reduced."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import _common
+from ._common import backward, choose_device, clip_grad_norm_, init_process_group, teardown
+
+if TYPE_CHECKING:
+    from .._runtime import Runtime
+
+NAME = "ddp"
+__all__ = [
+    "NAME",
+    "backward",
+    "choose_device",
+    "clip_grad_norm_",
+    "init_process_group",
+    "is_available",
+    "no_sync",
+    "prepare_training",
+    "setup",
+    "teardown",
+    "unavailable_reason",
+    "unwrap_model",
+]
+
+
+def is_available() -> bool:
+    return torch.distributed.is_available()
+
+
+def unavailable_reason() -> str:
+    return "this build of torch has no torch.distributed support."
+
+
+def setup(runtime: Runtime) -> None:
+    return None
+
+
+def wrap(runtime: Runtime, model: torch.nn.Module) -> torch.nn.Module:
+    """Place the model and wrap it in DistributedDataParallel (when there is more than one process)."""
+    model = _common.place_model(runtime, model)
+    if runtime.world_size == 1 or not any(p.requires_grad for p in model.parameters()):
+        return model
+    opts = runtime.settings.ddp
+    kwargs: dict[str, Any] = {
+        "find_unused_parameters": opts.find_unused_parameters,
+        "static_graph": opts.static_graph,
+        "gradient_as_bucket_view": opts.gradient_as_bucket_view,
+        "broadcast_buffers": opts.broadcast_buffers,
+    }
+    if opts.bucket_cap_mb is not None:
+        kwargs["bucket_cap_mb"] = opts.bucket_cap_mb
+    if runtime.device.type == "cuda":
+        kwargs["device_ids"] = [runtime.device.index]
+    return DistributedDataParallel(model, **kwargs)
+
+
+def prepare_training(
+    runtime: Runtime, models: list[torch.nn.Module], optimizers: list[Any], schedulers: list[Any]
+) -> tuple[list[torch.nn.Module], list[Any], list[Any]]:
+    return [wrap(runtime, m) for m in models], optimizers, schedulers
+
+
+@contextlib.contextmanager
+def no_sync(runtime: Runtime, model: torch.nn.Module) -> Iterator[None]:
+    if isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
