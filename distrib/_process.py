@@ -89,7 +89,7 @@ def on_local_main_process(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def print(*args: Any, **kwargs: Any) -> None:  # noqa: A001 - mirrors builtins.print on purpose
+def print(*args: Any, **kwargs: Any) -> None:
     """`print` once per machine (on each local main process). Example: `distrib.print(f"loss {loss:.3f}")`."""
     if current("print").is_local_main_process:
         builtins.print(*args, **kwargs)

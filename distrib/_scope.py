@@ -21,7 +21,7 @@ from .errors import DistribWarning, SettingsError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class distributed:  # noqa: N801 - used like a function: `with distributed(...) as ctx:`
+class distributed:
     """Open a distrib scope: detect the launch, pick the device and strategy, create the process group.
 
     Settings come as keywords (see `Settings`) or as one `Settings` object. The scope that created the
@@ -35,7 +35,9 @@ class distributed:  # noqa: N801 - used like a function: `with distributed(...) 
 
     def __init__(self, settings: Settings | None = None, /, **kwargs: Any) -> None:
         if settings is not None and kwargs:
-            raise SettingsError("pass either a Settings object or keyword settings to distributed(), not both.")
+            raise SettingsError(
+                "pass either a Settings object or keyword settings to distributed(), not both."
+            )
         if settings is not None and not isinstance(settings, Settings):
             raise SettingsError(
                 f"distributed() takes a Settings object or keywords, got {type(settings).__name__}; "
@@ -154,4 +156,3 @@ def _takes_positional(func: Callable[..., Any]) -> bool:
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     params = inspect.signature(func).parameters.values()
     return any(p.kind in kinds or p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
-

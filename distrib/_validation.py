@@ -50,9 +50,7 @@ def check_value(owner: str, name: str, value: Any, tp: Any) -> Any:
     """Validate (and normalise) one value against its annotation; return the value to store."""
     ok, normalised = _match(value, tp)
     if not ok:
-        raise SettingsError(
-            f"{owner}.{name}={value!r} is not valid: expected {_describe(tp)}."
-        )
+        raise SettingsError(f"{owner}.{name}={value!r} is not valid: expected {_describe(tp)}.")
     return normalised
 
 

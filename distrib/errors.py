@@ -6,6 +6,7 @@ Every error says what was wrong and what to do instead. The tree::
     ├── NoScopeError (RuntimeError)   a free function was called outside `distributed(...)`
     ├── SettingsError (ValueError)    an invalid setting, config-file key or launcher variable
     ├── PrepareError (TypeError)      `prepare()` got something it cannot prepare
+    ├── TrainingError (ValueError)    a training call was misused (e.g. backward on a non-scalar)
     ├── PrecisionError (ValueError)   the device cannot run the requested mixed precision
     ├── CollectiveError (RuntimeError) a collective was given inputs the ranks disagree on
     ├── MissingExtraError (ImportError) an optional dependency is not installed
@@ -33,6 +34,10 @@ class SettingsError(DistribError, ValueError):
 
 class PrepareError(DistribError, TypeError):
     """`prepare()` was given an object it cannot prepare, or in an order it cannot handle."""
+
+
+class TrainingError(DistribError, ValueError):
+    """A training function was called with arguments it cannot use."""
 
 
 class PrecisionError(DistribError, ValueError):

@@ -40,9 +40,7 @@ def init_process_group(env: ProcessEnvironment, settings: Settings, device: torc
         torch.cuda.set_device(device)
     # torchrun's agent already runs a store at MASTER_ADDR:MASTER_PORT; env:// joins it. Other launchers
     # (SLURM, MPI) have none, so rank 0 hosts one at the same address.
-    init_method = (
-        "env://" if env.launcher == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}"
-    )
+    init_method = "env://" if env.launcher == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}"
     dist.init_process_group(
         backend=backend_for(device),
         init_method=init_method,

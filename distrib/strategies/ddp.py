@@ -54,8 +54,9 @@ def wrap(runtime: Runtime, model: torch.nn.Module) -> torch.nn.Module:
         "find_unused_parameters": opts.find_unused_parameters,
         "static_graph": opts.static_graph,
         "gradient_as_bucket_view": opts.gradient_as_bucket_view,
-        "broadcast_buffers": opts.broadcast_buffers,
     }
+    if not opts.broadcast_buffers:  # passed only when changed: torch 2.13 deprecates the keyword
+        kwargs["broadcast_buffers"] = False
     if opts.bucket_cap_mb is not None:
         kwargs["bucket_cap_mb"] = opts.bucket_cap_mb
     if runtime.device.type == "cuda":

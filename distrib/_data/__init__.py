@@ -1,0 +1,1 @@
+"""Dataloader sharding: per-rank batch samplers, iterable-dataset shards, dispatch from rank 0."""

@@ -1,0 +1,235 @@
+"""`PreparedDataLoader`: a DataLoader that yields this rank's batches on the run's device.
+
+It reseeds shuffling identically on every rank at each epoch (no `set_epoch` call needed), tracks its
+position (epoch, batches yielded) so a run can resume mid-epoch without re-reading skipped samples, and
+flags the last batch of an epoch so `accumulate` synchronises there and `gather_for_metrics` drops the
+padding that `even_batches` added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+
+from .._runtime import current
+from .._tree import send_to_device
+from ..errors import PrepareError
+from .sharding import (
+    GlobalBatchCutter,
+    ShardedBatchSampler,
+    ShardedCustomBatchSampler,
+    ShardedIterableDataset,
+)
+
+if TYPE_CHECKING:
+    from .._runtime import Runtime
+
+_LOADER_ARGS = (
+    "num_workers",
+    "collate_fn",
+    "pin_memory",
+    "timeout",
+    "worker_init_fn",
+    "multiprocessing_context",
+    "persistent_workers",
+    "pin_memory_device",
+)
+
+
+class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
+    """A DataLoader sharded for this rank. Created by `prepare(loader)`; not built directly."""
+
+    def __init__(self, *args: Any, runtime: Runtime, seed: int, source: DataLoader, **kwargs: Any):  # type: ignore[type-arg]
+        super().__init__(*args, **kwargs)
+        self.runtime = runtime
+        self.seed = seed
+        self.source = source
+        self.epoch = 0
+        self.batches_yielded = 0
+        self.end_of_dataloader = False
+        self._next_epoch = 0
+        self._skip = 0
+        self._replay = 0
+        self._move = runtime.settings.device_placement
+        self._device = runtime.device
+
+    # -- position -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """Where iteration stands: `{"epoch", "batches_yielded", "seed"}` (for checkpoints)."""
+        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume: the next iteration continues epoch `epoch` after `batches_yielded` batches."""
+        self.seed = int(state["seed"])
+        epoch, done = int(state["epoch"]), int(state["batches_yielded"])
+        if self._has_len() and done >= len(self):
+            epoch, done = epoch + 1, 0
+        self._next_epoch, self._skip = epoch, done
+        self.epoch, self.batches_yielded = epoch, done
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at `epoch` (optional: epochs advance by themselves)."""
+        self._next_epoch = epoch
+
+    def skip_next(self, num_batches: int) -> None:
+        self._skip = num_batches
+
+    @property
+    def remainder(self) -> int | None:
+        """Real samples (over all ranks) in the final global batch of this epoch, if it was padded."""
+        owner = self.batch_sampler if self.batch_sampler is not None else self.dataset
+        return getattr(owner, "remainder", None)
+
+    def _has_len(self) -> bool:
+        try:
+            len(self)
+        except TypeError:
+            return False
+        return True
+
+    # -- iteration ------------------------------------------------------------------------------
+    def _begin_epoch(self) -> int:
+        epoch = self.epoch = self._next_epoch
+        self._next_epoch += 1
+        sampler = getattr(self.batch_sampler, "sampler", None) or getattr(
+            self.batch_sampler, "batch_sampler", None
+        )
+        for obj in (sampler, getattr(sampler, "sampler", None), self.dataset):
+            if obj is not None and hasattr(obj, "generator"):
+                obj.generator = torch.Generator().manual_seed(self.seed + epoch)
+            if obj is not None and hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+        skip = self._skip
+        self._skip = 0
+        self._replay = 0
+        if skip and hasattr(self.batch_sampler, "skip"):
+            self.batch_sampler.skip = skip  # skipped at the index level: nothing is loaded
+        elif skip:
+            self._replay = skip  # an iterable stream can only be skipped by reading it
+        return skip
+
+    def __iter__(self) -> Iterator[Any]:
+        skip = self._begin_epoch()
+        state = self.runtime.state
+        previous, state.active_dataloader = state.active_dataloader, self
+        self.end_of_dataloader = False
+        try:
+            yield from self._batches(skip)
+        finally:
+            self.end_of_dataloader = True
+            if state.active_dataloader is self:
+                state.active_dataloader = previous
+
+    def _batches(self, skip: int) -> Iterator[Any]:
+        total = len(self) if self._has_len() else None
+        count = skip
+        iterator = super().__iter__()
+        for _ in range(self._replay):
+            next(iterator, None)
+        if total is None:
+            yield from self._batches_with_lookahead(iterator, count)
+            return
+        for batch in iterator:
+            count += 1
+            self.batches_yielded = count
+            self.end_of_dataloader = count >= total
+            yield send_to_device(batch, self._device, non_blocking=True) if self._move else batch
+
+    def _batches_with_lookahead(self, iterator: Iterator[Any], count: int) -> Iterator[Any]:
+        # without a length, the last batch is known only when the next fetch fails
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        for upcoming in iterator:
+            count += 1
+            self.batches_yielded = count
+            yield send_to_device(batch, self._device, non_blocking=True) if self._move else batch
+            batch = upcoming
+        self.batches_yielded = count + 1
+        self.end_of_dataloader = True
+        yield send_to_device(batch, self._device, non_blocking=True) if self._move else batch
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) if self.batch_sampler is not None else super().__len__()
+
+    def remaining_in_epoch(self) -> int | None:
+        """Batches left in this epoch, counting the one just yielded; None for iterable datasets."""
+        if not self._has_len():
+            return None
+        return len(self) - self.batches_yielded + 1
+
+
+def prepare_dataloader(runtime: Runtime, loader: DataLoader, seed: int) -> DataLoader:  # type: ignore[type-arg]
+    """Shard `loader` for this rank (or set up dispatch from rank 0)."""
+    settings = runtime.settings
+    is_iterable = isinstance(loader.dataset, IterableDataset)
+    dispatch = settings.dispatch_batches if settings.dispatch_batches is not None else is_iterable
+    if dispatch and runtime.world_size > 1:
+        from .dispatch import DispatchedDataLoader
+
+        return DispatchedDataLoader.from_loader(runtime, loader, seed)
+    batch_size = _per_rank_batch_size(runtime, loader)
+    common = {name: getattr(loader, name) for name in _LOADER_ARGS}
+    if loader.num_workers > 0:
+        common["prefetch_factor"] = loader.prefetch_factor
+    kwargs: dict[str, Any] = {"runtime": runtime, "seed": seed, "source": loader, **common}
+    if is_iterable:
+        cutter = GlobalBatchCutter(
+            batch_size or 1, runtime.rank, runtime.world_size, loader.drop_last, settings.even_batches
+        )
+        dataset = ShardedIterableDataset(loader.dataset, cutter)
+        return PreparedDataLoader(dataset, batch_size=batch_size, drop_last=loader.drop_last, **kwargs)
+    batch_sampler = loader.batch_sampler
+    if type(batch_sampler) is BatchSampler and batch_size is not None:
+        cutter = GlobalBatchCutter(
+            batch_size, runtime.rank, runtime.world_size, batch_sampler.drop_last, settings.even_batches
+        )
+        sharded: Any = ShardedBatchSampler(batch_sampler.sampler, cutter)
+    elif batch_sampler is not None:
+        if settings.split_batches:
+            raise PrepareError(
+                "split_batches=True cannot split the batches of a custom batch_sampler; give the "
+                "DataLoader a batch_size (and sampler) instead, or use split_batches=False."
+            )
+        sharded = ShardedCustomBatchSampler(
+            batch_sampler, runtime.rank, runtime.world_size, settings.even_batches
+        )
+    else:
+        raise PrepareError(
+            "prepare() cannot shard a DataLoader built with batch_size=None (no automatic batching); "
+            "give it a batch_size, or a batch_sampler that yields lists of indices."
+        )
+    return PreparedDataLoader(loader.dataset, batch_sampler=sharded, **kwargs)
+
+
+def _per_rank_batch_size(runtime: Runtime, loader: DataLoader) -> int | None:  # type: ignore[type-arg]
+    batch_size = loader.batch_size
+    if batch_size is None or not runtime.settings.split_batches:
+        return batch_size
+    if batch_size % runtime.world_size:
+        raise PrepareError(
+            f"split_batches=True needs the DataLoader's batch_size ({batch_size}) to be a multiple of the "
+            f"number of processes ({runtime.world_size}); change the batch size or use split_batches=False."
+        )
+    return batch_size // runtime.world_size
+
+
+def skip_first_batches(loader: DataLoader, num_batches: int) -> DataLoader:  # type: ignore[type-arg]
+    """Make the next iteration of a prepared loader start after `num_batches` batches (not loaded).
+
+    Returns the same loader, so it reads like Accelerate's helper. Example::
+
+        for batch in skip_first_batches(train_loader, 120):
+            ...
+    """
+    current("skip_first_batches")
+    if not isinstance(loader, PreparedDataLoader):
+        raise PrepareError("skip_first_batches() needs a DataLoader returned by prepare(); prepare it first.")
+    if num_batches < 0:
+        raise PrepareError(f"skip_first_batches(num_batches={num_batches}) needs a number >= 0.")
+    loader.skip_next(num_batches)
+    return loader
