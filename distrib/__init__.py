@@ -63,6 +63,20 @@ _EXPORTS: dict[str, str] = {
     "on_local_main_process": "_process",
     "print": "_process",
     "set_seed": "_process",
+    # tracking, logging, progress, profiling
+    "init_trackers": "_tracking",
+    "log": "_tracking",
+    "end_training": "_tracking",
+    "get_tracker": "_tracking",
+    "Tracker": "_tracking",
+    "JSONLTracker": "_tracking",
+    "TensorBoardTracker": "_tracking",
+    "WandBTracker": "_tracking",
+    "MLflowTracker": "_tracking",
+    "CometTracker": "_tracking",
+    "get_logger": "_logging",
+    "progress_bar": "_progress",
+    "profile": "_profiler",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -94,6 +108,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         wait_for_everyone,
     )
     from ._data.loader import skip_first_batches
+    from ._logging import get_logger
     from ._options import DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
     from ._precision import autocast
     from ._prepare import prepare, unwrap_model
@@ -107,9 +122,23 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         print,
         set_seed,
     )
+    from ._profiler import profile
+    from ._progress import progress_bar
     from ._runtime import Runtime, current
     from ._scope import distributed, distributed_main
     from ._settings import Settings
+    from ._tracking import (
+        CometTracker,
+        JSONLTracker,
+        MLflowTracker,
+        TensorBoardTracker,
+        Tracker,
+        WandBTracker,
+        end_training,
+        get_tracker,
+        init_trackers,
+        log,
+    )
     from ._training import (
         accumulate,
         backward,
