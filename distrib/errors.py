@@ -11,6 +11,8 @@ Every error says what was wrong and what to do instead. The tree::
     ├── CollectiveError (RuntimeError) a collective was given inputs the ranks disagree on
     ├── MissingExtraError (ImportError) an optional dependency is not installed
     ├── CheckpointError (RuntimeError) a checkpoint cannot be written or read
+    │   ├── CheckpointCorruptError     a file is missing, truncated or fails its checksum
+    │   └── CheckpointMismatchError    the checkpoint does not fit this run (objects, keys, world size)
     ├── LaunchError (RuntimeError)    the launcher could not start or keep the workers
     └── DeviceMapError (ValueError)   a device map or memory budget is invalid
 
@@ -54,6 +56,14 @@ class MissingExtraError(DistribError, ImportError):
 
 class CheckpointError(DistribError, RuntimeError):
     """A checkpoint could not be written, found, verified or loaded."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file is missing, truncated or does not match the checksum in its manifest."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint does not fit the run loading it (number of objects, model keys, world size)."""
 
 
 class LaunchError(DistribError, RuntimeError):
