@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsInt
 
 from .._runtime import Runtime, current
 from ..errors import DistribWarning, missing_extra
@@ -91,6 +91,7 @@ def init_trackers(
     chosen = _build(_as_list(trackers), directory, dict(init_kwargs or {}))
     session = _Session(project_name, tuple(tracker.name for tracker in chosen))
     if runtime.is_main_process:
+        _warn_ignored(init_kwargs or {}, chosen)
         _start_all(chosen, project_name, hparams)
         session.trackers = {tracker.name: tracker for tracker in chosen}
     with _lock:
@@ -122,7 +123,11 @@ def _build(
                 f"init_trackers() got two trackers named {tracker.name!r}; give each a unique name."
             )
         built.append(tracker)
-    ignored = sorted(set(init_kwargs) - {tracker.name for tracker in built})
+    return built
+
+
+def _warn_ignored(init_kwargs: Mapping[str, Any], trackers: list[Tracker]) -> None:
+    ignored = sorted(set(init_kwargs) - {tracker.name for tracker in trackers})
     if ignored:
         warnings.warn(
             f"init_trackers(init_kwargs=...) has keywords for {', '.join(map(repr, ignored))}, which is not among "
@@ -130,7 +135,6 @@ def _build(
             DistribWarning,
             stacklevel=3,
         )
-    return built
 
 
 def _from_name(name: str, logging_dir: Path, init_kwargs: Mapping[str, Mapping[str, Any]]) -> Tracker:
@@ -184,7 +188,7 @@ def _session(runtime: Runtime, caller: str) -> _Session:
     return session
 
 
-def log(values: Mapping[str, Any], step: int | None = None) -> None:
+def log(values: Mapping[str, Any], step: SupportsInt | None = None) -> None:
     """Send `values` to every tracker (main process only); tensors become Python numbers.
 
     Call it on every rank: other processes return at once. Values are usually numbers; reduce them
@@ -207,9 +211,9 @@ def log(values: Mapping[str, Any], step: int | None = None) -> None:
     if not runtime.is_main_process:
         return
     plain = to_python(values)
-    step = None if step is None else int(step)
+    at = None if step is None else int(step)
     for tracker in session.trackers.values():
-        tracker.log(plain, step)
+        tracker.log(plain, at)
 
 
 def end_training() -> None:
