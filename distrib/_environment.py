@@ -179,7 +179,7 @@ def launcher_settings(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, tp in types.items():
         text = environ.get(PREFIX + name.upper())
         if text is not None:
-            found[name] = _validation.parse_text("launcher variable " + PREFIX, name.upper(), text, tp)
+            found[name] = _validation.parse_text(f"launcher variable {PREFIX}{name.upper()}", text, tp)
     return found
 
 
@@ -231,6 +231,47 @@ def config_directory(environ: Mapping[str, str] | None = None) -> Path:
     if env.get("XDG_CONFIG_HOME"):
         return Path(env["XDG_CONFIG_HOME"]) / "distrib"
     return Path(env.get("HOME", str(Path.home()))) / ".config" / "distrib"
+
+
+def config_directory_origin(environ: Mapping[str, str] | None = None) -> str:
+    """Which rule `config_directory` followed: "$DISTRIB_CONFIG_DIR", "$XDG_CONFIG_HOME" or "home"."""
+    env = os.environ if environ is None else environ
+    if env.get("DISTRIB_CONFIG_DIR"):
+        return "$DISTRIB_CONFIG_DIR"
+    return "$XDG_CONFIG_HOME" if env.get("XDG_CONFIG_HOME") else "home"
+
+
+@dataclass(frozen=True)
+class SlurmStep:
+    """What `distrib launch` needs from a SLURM step (`srun distrib launch ...`, one task per node)."""
+
+    node_rank: int
+    num_nodes: int
+    num_tasks: int
+    main_address: str | None
+    job_id: str | None
+
+
+def slurm_step(environ: Mapping[str, str] | None = None) -> SlurmStep | None:
+    """The SLURM step this process runs in (inside `srun`), or None outside one (also in a batch script)."""
+    env = os.environ if environ is None else environ
+    if "SLURM_STEP_NUM_NODES" not in env or "SLURM_NODEID" not in env:
+        return None
+    num_nodes = _int(env, "SLURM_STEP_NUM_NODES")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+    return SlurmStep(
+        node_rank=_int(env, "SLURM_NODEID"),
+        num_nodes=num_nodes,
+        num_tasks=_int(env, "SLURM_STEP_NUM_TASKS", num_nodes),
+        main_address=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+        job_id=env.get("SLURM_JOB_ID"),
+    )
+
+
+def omp_num_threads(environ: Mapping[str, str] | None = None) -> str | None:
+    """The `OMP_NUM_THREADS` value, if set (the launcher keeps a value the user exported)."""
+    env = os.environ if environ is None else environ
+    return env.get("OMP_NUM_THREADS")
 
 
 def cuda_visible_devices(environ: Mapping[str, str] | None = None) -> str | None:

@@ -88,11 +88,12 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:  # noqa: C901 - one branch 
     if origin is Callable or tp is Callable or origin is typing.Callable:  # type: ignore[comparison-overlap]
         return callable(value), value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return True, value
         if isinstance(value, Mapping):
-            return True, build(tp, value, owner=tp.__name__)
-        return False, value
+            value = build(tp, value, owner=tp.__name__)
+        if not isinstance(value, tp):
+            return False, value
+        validate_fields(value)
+        return True, value
     return isinstance(value, tp) if isinstance(tp, type) else True, value
 
 
@@ -118,8 +119,8 @@ def validate_fields(obj: Any) -> None:
             object.__setattr__(obj, name, normalised)
 
 
-def parse_text(owner: str, name: str, text: str, tp: Any) -> Any:
-    """Turn a string (from an environment variable or a flag) into a value of annotation `tp`."""
+def parse_text(label: str, text: str, tp: Any) -> Any:
+    """Turn a string (from an environment variable or a flag called `label`) into a value of type `tp`."""
     candidates: list[Any] = []
     lowered = text.strip().lower()
     if lowered in _TRUE:
@@ -137,10 +138,10 @@ def parse_text(owner: str, name: str, text: str, tp: Any) -> Any:
         try:
             candidates.append(json.loads(text))
         except json.JSONDecodeError as exc:
-            raise SettingsError(f"{owner}.{name}: {text!r} is not valid JSON ({exc}).") from None
+            raise SettingsError(f"{label}: {text!r} is not valid JSON ({exc}).") from None
     candidates.append(text)
     for candidate in candidates:
         ok, out = _match(candidate, tp)
         if ok:
             return out
-    raise SettingsError(f"{owner}.{name}={text!r} is not valid: expected {_describe(tp)}.")
+    raise SettingsError(f"{label}={text!r} is not valid: expected {_describe(tp)}.")

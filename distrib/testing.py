@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -52,7 +53,8 @@ def _worker(
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
         raise SystemExit(1) from None
-    results.put((rank, True, value))
+    # plain pickle bytes: a tensor sent as-is would travel through shared memory that dies with this process
+    results.put((rank, True, pickle.dumps(value)))
 
 
 def run_ranks(
@@ -95,7 +97,8 @@ def run_ranks(
     failed = {r: v for r, (ok, v) in reports.items() if not ok}
     if failed or len(reports) < world_size:
         raise RanksFailed(_describe(procs, reports, timeout))
-    return [reports[r][1] for r in range(world_size)]
+    # the bytes come from the child processes this call just started, not from outside
+    return [pickle.loads(reports[r][1]) for r in range(world_size)]
 
 
 def _collect(procs: list[Any], results: Any, timeout: float) -> dict[int, tuple[bool, Any]]:

@@ -80,8 +80,10 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
     @property
     def remainder(self) -> int | None:
         """Real samples (over all ranks) in the final global batch of this epoch, if it was padded."""
-        owner = self.batch_sampler if self.batch_sampler is not None else self.dataset
-        return getattr(owner, "remainder", None)
+        for owner in (self.batch_sampler, self.dataset):
+            if isinstance(owner, (ShardedBatchSampler, ShardedCustomBatchSampler, ShardedIterableDataset)):
+                return owner.remainder
+        return None
 
     def _has_len(self) -> bool:
         try:
@@ -94,6 +96,9 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
     def _begin_epoch(self) -> int:
         epoch = self.epoch = self._next_epoch
         self._next_epoch += 1
+        # torch draws each iterator's base seed from this generator: seeded per epoch, starting an epoch
+        # leaves the global random state alone, so a run resumed mid-epoch draws exactly what it would have
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
         sampler = getattr(self.batch_sampler, "sampler", None) or getattr(
             self.batch_sampler, "batch_sampler", None
         )
