@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,7 +126,7 @@ def _process_control_worker(path: str) -> dict:
 def test_process_control(tmp_path, capfd):
     path = str(tmp_path / "order.txt")
     results = run_ranks(_process_control_worker, 2, path, timeout=60)
-    order = [line.split()[0] for line in open(path).read().splitlines()]
+    order = [line.split()[0] for line in Path(path).read_text().splitlines()]
     assert order[0] == "0" and sorted(order) == ["0", "1"]
     assert [r["main"] for r in results] == ["main", None]
     assert [r["local"] for r in results] == ["local", None]

@@ -51,7 +51,7 @@ def test_strategy_options_accept_dicts_and_validate():
     s = Settings.from_mapping({"fsdp": {"sharding": "grad_op"}, "ddp": {"static_graph": True}})
     assert s.fsdp == FSDPOptions(sharding="grad_op")
     assert s.ddp == DDPOptions(static_graph=True)
-    with pytest.raises(SettingsError, match="FSDPOptions.sharding='half'"):
+    with pytest.raises(SettingsError, match=r"FSDPOptions\.sharding='half'"):
         Settings.from_mapping({"fsdp": {"sharding": "half"}})
     with pytest.raises(SettingsError, match="unknown setting 'shard'"):
         Settings.from_mapping({"fsdp": {"shard": "full"}})
