@@ -8,6 +8,7 @@ explicitly mutable `TrainingState` that the runtime points to.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -37,6 +38,9 @@ class TrainingState:
     save_hooks: list[Any] = field(default_factory=list)
     load_hooks: list[Any] = field(default_factory=list)
     strategy_state: Any = None
+    # per-run state of optional features (trackers, ...), and what to finish when the scope closes
+    extensions: dict[str, Any] = field(default_factory=dict)
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, eq=False)

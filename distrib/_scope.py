@@ -88,8 +88,12 @@ class distributed:
     ) -> None:
         runtime, self._runtime = self._runtime, None
         assert runtime is not None
-        _runtime.pop(runtime)
-        runtime.strategy_module.teardown(runtime)
+        try:
+            for close in reversed(runtime.state.closers):
+                close()
+        finally:
+            _runtime.pop(runtime)
+            runtime.strategy_module.teardown(runtime)
         if runtime.owns_process_group:
             close_process_group(clean=exc_type is None)
 

@@ -158,3 +158,16 @@ def test_seed_setting_seeds_torch():
     with distributed(seed=123):
         b = torch.rand(3)
     assert torch.equal(a, b)
+
+
+def test_scope_exit_finishes_what_the_run_started(tmp_path):
+    from distrib import init_trackers, log
+
+    finished = []
+    with distributed() as ctx:
+        ctx.state.closers.append(lambda: finished.append("custom"))
+        init_trackers("run", trackers="jsonl", logging_dir=tmp_path)
+        log({"loss": 1.0}, step=0)
+    assert finished == ["custom"]
+    assert "tracking" not in ctx.state.extensions, "trackers are finished when the scope closes"
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1

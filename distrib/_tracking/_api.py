@@ -8,9 +8,7 @@ instead of one rank failing while the others wait for it. The trackers of a run 
 from __future__ import annotations
 
 import os
-import threading
 import warnings
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +49,7 @@ class _Session:
     trackers: dict[str, Tracker] = field(default_factory=dict)  # on the main process only
 
 
-_sessions: weakref.WeakKeyDictionary[Runtime, _Session] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
+_KEY = "tracking"  # this feature's slot in the run's TrainingState.extensions
 
 
 def init_trackers(
@@ -81,11 +78,10 @@ def init_trackers(
     runtime = current("init_trackers")
     if not isinstance(project_name, str) or not project_name or Path(project_name).is_absolute():
         raise ValueError(f"init_trackers(project_name={project_name!r}) needs a non-empty relative name.")
-    with _lock:
-        if runtime in _sessions:
-            raise ValueError(
-                "init_trackers() was already called in this scope; call end_training() first to start new trackers."
-            )
+    if _KEY in runtime.state.extensions:
+        raise ValueError(
+            "init_trackers() was already called in this scope; call end_training() first to start new trackers."
+        )
     hparams = config_dict(config)
     directory = Path(logging_dir if logging_dir is not None else runtime.settings.project_dir or "runs")
     chosen = _build(_as_list(trackers), directory, dict(init_kwargs or {}))
@@ -94,8 +90,8 @@ def init_trackers(
         _warn_ignored(init_kwargs or {}, chosen)
         _start_all(chosen, project_name, hparams)
         session.trackers = {tracker.name: tracker for tracker in chosen}
-    with _lock:
-        _sessions[runtime] = session
+    runtime.state.extensions[_KEY] = session
+    runtime.state.closers.append(lambda: _finish(runtime))
 
 
 def _as_list(trackers: TrackerSpec | Sequence[TrackerSpec]) -> list[TrackerSpec]:
@@ -181,8 +177,7 @@ def _start_all(trackers: list[Tracker], project_name: str, config: dict[str, Any
 
 
 def _session(runtime: Runtime, caller: str) -> _Session:
-    with _lock:
-        session = _sessions.get(runtime)
+    session = runtime.state.extensions.get(_KEY)
     if session is None:
         raise RuntimeError(f"{caller}() needs running trackers; call init_trackers(project_name, ...) first.")
     return session
@@ -225,9 +220,12 @@ def end_training() -> None:
         ...
         end_training()
     """
-    runtime = current("end_training")
-    with _lock:
-        session = _sessions.pop(runtime, None)
+    _finish(current("end_training"))
+
+
+def _finish(runtime: Runtime) -> None:
+    """Finish the run's trackers; also called when its scope closes without end_training()."""
+    session = runtime.state.extensions.pop(_KEY, None)
     if session is None:
         return
     errors: list[BaseException] = []
