@@ -44,8 +44,7 @@ def _window_size(state: TrainingState, steps: int) -> int:
     return steps if remaining is None else max(1, min(steps, remaining))
 
 
-@contextlib.contextmanager
-def accumulate(*models: torch.nn.Module) -> Iterator[None]:
+def accumulate(*models: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
     """Accumulate gradients over `gradient_accumulation_steps` micro-batches.
 
     On micro-steps that only accumulate, gradient synchronisation is skipped (`no_sync`) and the prepared
@@ -58,25 +57,42 @@ def accumulate(*models: torch.nn.Module) -> Iterator[None]:
                 optimizer.step()
                 optimizer.zero_grad()
     """
-    runtime = current("accumulate")
-    state = runtime.state
-    if state.micro_step == 0:
-        state.window_size = _window_size(state, runtime.settings.gradient_accumulation_steps)
-    state.micro_step += 1
-    loader = state.active_dataloader
-    at_end = bool(loader is not None and getattr(loader, "end_of_dataloader", False))
-    sync = state.micro_step >= state.window_size or at_end
-    state.sync_gradients = sync
-    try:
-        if sync:
-            yield
-        else:
-            with _skip_sync(runtime, models):
-                yield
-    finally:
-        if sync:
-            state.micro_step = 0
-            state.window_size = 1
+    return _Accumulate(current("accumulate"), models)
+
+
+class _Accumulate:
+    """The `accumulate()` block; a plain class because it runs on every micro-batch."""
+
+    __slots__ = ("_models", "_runtime", "_skip")
+
+    def __init__(self, runtime: Runtime, models: tuple[torch.nn.Module, ...]) -> None:
+        self._runtime = runtime
+        self._models = models
+        self._skip: contextlib.AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> None:
+        runtime = self._runtime
+        state = runtime.state
+        if state.micro_step == 0:
+            state.window_size = _window_size(state, runtime.settings.gradient_accumulation_steps)
+        state.micro_step += 1
+        loader = state.active_dataloader
+        at_end = loader is not None and getattr(loader, "end_of_dataloader", False)
+        state.sync_gradients = sync = state.micro_step >= state.window_size or at_end
+        if not sync and self._models:
+            self._skip = _skip_sync(runtime, self._models)
+            self._skip.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        state = self._runtime.state
+        try:
+            if self._skip is not None:
+                self._skip.__exit__(*exc)  # type: ignore[arg-type]
+        finally:
+            self._skip = None
+            if state.sync_gradients:
+                state.micro_step = 0
+                state.window_size = 1
 
 
 @contextlib.contextmanager
