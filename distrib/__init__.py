@@ -63,6 +63,19 @@ _EXPORTS: dict[str, str] = {
     "on_local_main_process": "_process",
     "print": "_process",
     "set_seed": "_process",
+    # big-model inference
+    "init_empty_weights": "big_modeling",
+    "init_on_device": "big_modeling",
+    "compute_module_sizes": "big_modeling",
+    "get_max_memory": "big_modeling",
+    "infer_auto_device_map": "big_modeling",
+    "load_checkpoint_in_model": "big_modeling",
+    "load_checkpoint_and_dispatch": "big_modeling",
+    "LoadReport": "big_modeling",
+    "dispatch_model": "big_modeling",
+    "cpu_offload": "big_modeling",
+    "disk_offload": "big_modeling",
+    "remove_hooks": "big_modeling",
     # tracking, logging, progress, profiling
     "init_trackers": "_tracking",
     "log": "_tracking",
@@ -146,4 +159,18 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         clip_grad_value_,
         no_sync,
         optimizer_step_was_skipped,
+    )
+    from .big_modeling import (
+        LoadReport,
+        compute_module_sizes,
+        cpu_offload,
+        disk_offload,
+        dispatch_model,
+        get_max_memory,
+        infer_auto_device_map,
+        init_empty_weights,
+        init_on_device,
+        load_checkpoint_and_dispatch,
+        load_checkpoint_in_model,
+        remove_hooks,
     )

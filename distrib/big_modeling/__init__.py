@@ -1,0 +1,40 @@
+"""Big-model inference: build without weights, plan devices, stream checkpoints, offload to CPU or disk.
+
+Typical use::
+
+    from distrib import init_empty_weights, load_checkpoint_and_dispatch
+
+    with init_empty_weights():
+        model = MyModel(config)
+    model = load_checkpoint_and_dispatch(
+        model, "checkpoint-folder/", max_memory={0: "10GiB", "cpu": "20GiB"}, offload_folder="offload/"
+    )
+    outputs = model(inputs)
+
+Modules: ``_init`` (meta-device construction), ``_memory`` (sizes and budgets), ``_placement``
+(device-map checks), ``_device_map`` (the planner), ``_checkpoint`` (reading files), ``_offload``
+(disk format), ``_loading`` (streaming into the model), ``_dispatch`` (hooks).
+"""
+
+from __future__ import annotations
+
+from ._device_map import infer_auto_device_map
+from ._dispatch import cpu_offload, disk_offload, dispatch_model, remove_hooks
+from ._init import init_empty_weights, init_on_device
+from ._loading import LoadReport, load_checkpoint_and_dispatch, load_checkpoint_in_model
+from ._memory import compute_module_sizes, get_max_memory
+
+__all__ = [
+    "LoadReport",
+    "compute_module_sizes",
+    "cpu_offload",
+    "disk_offload",
+    "dispatch_model",
+    "get_max_memory",
+    "infer_auto_device_map",
+    "init_empty_weights",
+    "init_on_device",
+    "load_checkpoint_and_dispatch",
+    "load_checkpoint_in_model",
+    "remove_hooks",
+]

@@ -1,0 +1,310 @@
+"""Run a model spread over devices: hooks move inputs to each part and stream offloaded weights in.
+
+`dispatch_model` puts every tensor where the device map says. Parts on a GPU (or on the CPU when the CPU
+is the main device) stay resident. Parts on "cpu" (with a GPU as main device) or on "disk" are
+*offloaded*: the module holds an empty meta tensor, and a forward pre-hook loads the real weights onto
+the main device just before the module runs; a forward post-hook drops them again. Inputs are moved to
+the device each part runs on, and the model's outputs to the main device.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import DeviceMapError
+from ._memory import Device, normalize_device, torch_device
+from ._offload import OffloadFolder
+from ._placement import (
+    TensorSlot,
+    check_device_map,
+    check_devices_exist,
+    group_by_tensor,
+    replace_tensor,
+    shorten,
+    tensor_placements,
+    tensor_slots,
+)
+
+HOOK_ATTR = "_distrib_dispatch"
+_CPU = torch.device("cpu")
+
+
+def send_to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor in nested tuples, lists and dicts to ``device``; other objects pass unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, list):
+        return [send_to_device(item, device) for item in obj]
+    if isinstance(obj, tuple):
+        items = [send_to_device(item, device) for item in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, dict):
+        if type(obj) is dict:
+            return {key: send_to_device(value, device) for key, value in obj.items()}
+        moved = copy.copy(obj)  # keeps dict subclasses such as transformers' ModelOutput
+        for key, value in obj.items():
+            moved[key] = send_to_device(value, device)
+        return moved
+    return obj
+
+
+class _Source(Protocol):
+    def load(self, device: torch.device) -> torch.Tensor: ...
+
+    def restore(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class _RamSource:
+    tensor: torch.Tensor
+
+    def load(self, device: torch.device) -> torch.Tensor:
+        return self.tensor.to(device)
+
+    def restore(self) -> torch.Tensor:
+        return self.tensor
+
+
+@dataclass(frozen=True)
+class _DiskSource:
+    folder: OffloadFolder
+    name: str
+
+    def load(self, device: torch.device) -> torch.Tensor:
+        return self.folder.load(self.name).to(device)
+
+    def restore(self) -> torch.Tensor:
+        return self.folder.load(self.name).clone()  # a copy in RAM, independent of the file
+
+
+@dataclass(frozen=True)
+class _Offloaded:
+    slot: TensorSlot
+    placeholder: torch.Tensor  # the meta tensor the module holds between forwards (shared by tied slots)
+    source: _Source
+
+
+@dataclass
+class _ModuleHooks:
+    """What one module does around its forward: load weights, move inputs, move outputs."""
+
+    execution_device: torch.device | None = None
+    output_device: torch.device | None = None
+    offloaded: list[_Offloaded] = field(default_factory=list)
+    handles: list[RemovableHandle] = field(default_factory=list)
+    depth: int = 0  # re-entrant calls load the weights once
+
+    def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.offloaded and self.depth == 0:
+            assert self.execution_device is not None
+            for item in self.offloaded:
+                value = item.source.load(self.execution_device)
+                if item.slot.is_param:
+                    value = nn.Parameter(value, requires_grad=item.placeholder.requires_grad)
+                item.slot.put(value)
+        self.depth += 1
+        if self.execution_device is None:
+            return None
+        return send_to_device((args, kwargs), self.execution_device)
+
+    def post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        self.depth = max(0, self.depth - 1)
+        if self.offloaded and self.depth == 0:
+            for item in self.offloaded:
+                item.slot.put(item.placeholder)
+        return None if self.output_device is None else send_to_device(output, self.output_device)
+
+    def attach(self, module: nn.Module) -> None:
+        self.handles.append(module.register_forward_pre_hook(self.pre, with_kwargs=True))
+        self.handles.append(module.register_forward_hook(self.post, with_kwargs=True, always_call=True))
+        module.__dict__[HOOK_ATTR] = self
+
+
+def _main_device(device_map: Mapping[str, Device], main_device: object) -> torch.device:
+    if main_device is not None:
+        device = normalize_device(main_device, where="main_device")
+        check_devices_exist({"main_device": device})
+        return torch_device(device)
+    gpus = [d for d in device_map.values() if isinstance(d, int)]
+    if gpus:
+        return torch_device(min(gpus))
+    others = [d for d in device_map.values() if d not in ("cpu", "disk")]
+    return torch_device(others[0]) if others else _CPU
+
+
+def _is_offloaded(device: Device, main: torch.device) -> bool:
+    return device == "disk" or (device == "cpu" and main.type != "cpu")
+
+
+def _runs_on(device: Device, main: torch.device) -> torch.device:
+    """Where the layers placed on ``device`` run: offloaded ones on the main device."""
+    return main if _is_offloaded(device, main) else torch_device(device)
+
+
+def _offload(group: list[TensorSlot], device: Device, folder: OffloadFolder | None) -> _Source | None:
+    """Turn a tied group into an offloaded one; None when it holds no weights to offload."""
+    name, tensor = group[0].name, group[0].tensor
+    if device == "cpu":
+        if tensor.is_meta:
+            return None
+        replace_tensor(group, tensor.detach().to("meta"))
+        return _RamSource(tensor.detach().to(_CPU))
+    assert folder is not None
+    if not tensor.is_meta:
+        folder.save(name, tensor)
+    elif name not in folder or folder.meta(name).shape != tensor.shape:
+        return None
+    replace_tensor(group, folder.meta(name))
+    return _DiskSource(folder, name)
+
+
+def _place(
+    model: nn.Module, placements: dict[str, Device], main: torch.device, folder: OffloadFolder | None
+) -> dict[nn.Module, list[_Offloaded]]:
+    """Move resident tensors to their device and offload the rest; returns what each module offloads."""
+    offloaded: dict[nn.Module, list[_Offloaded]] = {}
+    on_meta: list[str] = []
+    for group in group_by_tensor(tensor_slots(model)):
+        device = placements[group[0].name]
+        tensor = group[0].tensor
+        if _is_offloaded(device, main):
+            source = _offload(group, device, folder)
+            if source is None:
+                on_meta.append(group[0].name)
+                continue
+            placeholder = group[0].tensor
+            for slot in group:
+                offloaded.setdefault(slot.module, []).append(_Offloaded(slot, placeholder, source))
+        elif tensor.is_meta:
+            on_meta.append(group[0].name)
+        elif tensor.device != torch_device(device):
+            replace_tensor(group, tensor.detach().to(torch_device(device)))
+    if on_meta:
+        raise DeviceMapError(
+            f"these tensors hold no data (they are on the meta device): {shorten(on_meta)}; load weights "
+            "first (load_checkpoint_and_dispatch does both), pass the offload_dir they were saved to, or "
+            "build the model with init_empty_weights(include_buffers=False) so buffers stay real"
+        )
+    return offloaded
+
+
+def _install(
+    model: nn.Module,
+    device_map: Mapping[str, Device],
+    offloaded: dict[nn.Module, list[_Offloaded]],
+    main: torch.device,
+) -> None:
+    hooks: dict[nn.Module, _ModuleHooks] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, device in device_map.items():
+        module = modules.get(name) or modules[name.rpartition(".")[0]]  # a tensor entry: its module
+        hooks.setdefault(module, _ModuleHooks()).execution_device = _runs_on(device, main)
+    for module, items in offloaded.items():
+        state = hooks.setdefault(module, _ModuleHooks())
+        state.offloaded, state.execution_device = items, main
+    hooks.setdefault(model, _ModuleHooks()).output_device = main
+    for module, state in hooks.items():
+        state.attach(module)
+
+
+def dispatch_model(
+    model: nn.Module,
+    device_map: Mapping[str, object],
+    offload_dir: str | os.PathLike[str] | None = None,
+    main_device: object = None,
+) -> nn.Module:
+    """Place ``model`` according to ``device_map`` and hook it so that forward passes just work.
+
+    Tensors on GPUs stay there; tensors mapped to "cpu" (with a GPU main device) or "disk" are
+    offloaded and streamed to ``main_device`` right before their module runs, then dropped. Disk
+    tensors are written to ``offload_dir`` (or, if the module holds only meta tensors, read from an
+    ``offload_dir`` written by an earlier run). ``main_device`` defaults to the lowest GPU in the map,
+    else the CPU; outputs are returned there. Inference only: undo with `remove_hooks`. Example::
+
+        model = dispatch_model(model, {"embed": 0, "blocks": "cpu", "head": "disk"}, offload_dir="off/")
+        logits = model(tokens)  # on cuda:0
+    """
+    if any(HOOK_ATTR in module.__dict__ for module in model.modules()):
+        raise DeviceMapError(
+            "this model is already dispatched; call remove_hooks(model) before dispatching again"
+        )
+    normalized = check_device_map(model, device_map)
+    check_devices_exist(normalized)
+    main = _main_device(normalized, main_device)
+    placements = tensor_placements(model, normalized)
+    folder = None
+    if "disk" in placements.values():
+        if offload_dir is None:
+            disk = [name for name, device in normalized.items() if device == "disk"]
+            raise DeviceMapError(
+                f"device_map puts {shorten(disk)} on 'disk'; pass offload_dir=<folder> to hold them"
+            )
+        folder = OffloadFolder(offload_dir)
+    offloaded = _place(model, placements, main, folder)
+    if folder is not None:
+        folder.flush()
+    _install(model, normalized, offloaded, main)
+    return model
+
+
+def cpu_offload(model: nn.Module, execution_device: object = None) -> nn.Module:
+    """Keep all weights in RAM and stream each module's weights to ``execution_device`` as it runs.
+
+    ``execution_device`` defaults to GPU 0 when CUDA is available; on a CPU-only machine the model
+    simply stays on the CPU. Example::
+
+        model = cpu_offload(model, execution_device=0)  # GPU memory: about one layer at a time
+    """
+    if execution_device is None:
+        execution_device = 0 if torch.cuda.is_available() else "cpu"
+    return dispatch_model(model, {"": "cpu"}, main_device=execution_device)
+
+
+def disk_offload(
+    model: nn.Module, offload_dir: str | os.PathLike[str], execution_device: object = None
+) -> nn.Module:
+    """Write all weights to ``offload_dir`` and read each module's weights back only while it runs.
+
+    ``execution_device`` defaults to GPU 0 when CUDA is available, else the CPU. Example::
+
+        model = disk_offload(model, "offload/")  # RAM: about one layer at a time
+    """
+    if execution_device is None:
+        execution_device = 0 if torch.cuda.is_available() else "cpu"
+    return dispatch_model(model, {"": "disk"}, offload_dir=offload_dir, main_device=execution_device)
+
+
+def remove_hooks(model: nn.Module, *, materialize: bool = True) -> nn.Module:
+    """Remove the hooks `dispatch_model` installed, leaving a plain module.
+
+    With ``materialize=True`` (the default) every offloaded tensor is loaded back into RAM on the CPU
+    (disk ones are copied out of their files); resident tensors stay on their devices. With
+    ``materialize=False`` offloaded tensors stay on the meta device. Example::
+
+        remove_hooks(model)
+        model.to("cpu")  # an ordinary module again
+    """
+    restored: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        state = module.__dict__.pop(HOOK_ATTR, None)
+        if state is None:
+            continue
+        for handle in state.handles:
+            handle.remove()
+        for item in state.offloaded if materialize else ():
+            value = restored.get(id(item.placeholder))
+            if value is None:
+                value = item.source.restore()
+                if item.slot.is_param:
+                    value = nn.Parameter(value, requires_grad=item.placeholder.requires_grad)
+                restored[id(item.placeholder)] = value
+            item.slot.put(value)
+    return model

@@ -1,0 +1,244 @@
+"""Stream a checkpoint into a model built on the meta device, tensor by tensor, straight to its device."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, DeviceMapError, DistribWarning
+from ._checkpoint import Checkpoint, Shard, open_checkpoint
+from ._device_map import STRATEGIES, NoSplit, infer_auto_device_map
+from ._dispatch import dispatch_model
+from ._memory import Device, get_max_memory, normalize_device, to_dtype, torch_device
+from ._offload import OffloadFolder
+from ._placement import (
+    TensorSlot,
+    check_device_map,
+    group_by_tensor,
+    replace_tensor,
+    shorten,
+    tensor_placements,
+    tensor_slots,
+)
+
+
+class LoadReport(NamedTuple):
+    """Keys the model expected but the checkpoint lacks, and keys the checkpoint has but the model lacks."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _tie_weights(model: nn.Module) -> None:
+    # transformers models tie their embeddings in `tie_weights()`; a model built on the meta device
+    # may not be tied yet, and planning and loading must see the ties.
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+
+
+def _compare(checkpoint: Checkpoint, groups: list[list[TensorSlot]]) -> tuple[LoadReport, dict[str, int]]:
+    """The key mismatch, and which checkpoint key to read for each tied group (by group index)."""
+    keys = checkpoint.keys()
+    present = set(keys)
+    names: set[str] = set()
+    missing: list[str] = []
+    to_read: dict[str, int] = {}
+    for index, group in enumerate(groups):
+        persistent = [slot.name for slot in group if slot.persistent]
+        names.update(persistent)
+        found = [name for name in persistent if name in present]
+        if found:
+            to_read[found[0]] = index
+        else:
+            missing += persistent
+    unexpected = [key for key in keys if key not in names]
+    return LoadReport(missing, unexpected), to_read
+
+
+def _mismatch(checkpoint: Checkpoint, report: LoadReport) -> CheckpointError:
+    parts = []
+    if report.missing_keys:
+        parts.append(
+            f"{len(report.missing_keys)} missing (in the model only): {shorten(report.missing_keys)}"
+        )
+    if report.unexpected_keys:
+        unexpected = report.unexpected_keys
+        parts.append(f"{len(unexpected)} unexpected (in the checkpoint only): {shorten(unexpected)}")
+    hint = ""
+    if checkpoint.unlisted:
+        hint = f"; the folder holds shard files its index does not list ({shorten(checkpoint.unlisted)}): regenerate the index"
+    return CheckpointError(
+        f"checkpoint {str(checkpoint.source)!r} does not match the model: {'; '.join(parts)}{hint}. Check "
+        "that it was saved from this model class and config, or pass strict=False to load the keys that match"
+    )
+
+
+def _placements(model: nn.Module, device_map: Mapping[str, object] | None) -> dict[str, Device]:
+    if device_map is not None:
+        return tensor_placements(model, check_device_map(model, device_map))
+    return {
+        slot.name: "cpu" if slot.tensor.is_meta else normalize_device(slot.tensor.device, where=slot.name)
+        for slot in tensor_slots(model)
+    }
+
+
+def _target_dtype(value: torch.Tensor, current: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if not value.is_floating_point():
+        return value.dtype
+    if dtype is not None:
+        return dtype
+    return current.dtype if current.is_floating_point() else value.dtype
+
+
+@dataclass
+class _Loader:
+    """Puts checkpoint tensors into the model, each straight to its device and dtype."""
+
+    groups: list[list[TensorSlot]]
+    to_read: dict[str, int]  # checkpoint key -> index of the tied group it fills
+    placements: dict[str, Device]
+    dtype: torch.dtype | None
+    folder: OffloadFolder | None
+
+    def load_shard(self, shard: Shard) -> None:
+        keys = [key for key in shard.list_keys() if key in self.to_read]
+        # Tensors read from a file are views of its memory map; one kept in RAM would pin the pages of
+        # the whole shard, so copy it out unless every tensor of the shard stays in RAM anyway.
+        own_copy = any(self.placements[self.groups[self.to_read[key]][0].name] != "cpu" for key in keys)
+        for key, value in shard.tensors(set(keys)):
+            self.load(key, value, own_copy)
+
+    def load(self, key: str, value: torch.Tensor, own_copy: bool) -> None:
+        group = self.groups[self.to_read[key]]
+        current, device = group[0].tensor, self.placements[group[0].name]
+        if value.shape != current.shape:
+            raise CheckpointError(
+                f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but the model's has "
+                f"{tuple(current.shape)}; the checkpoint was saved from a different config"
+            )
+        target = _target_dtype(value, current, self.dtype)
+        if device == "disk":
+            assert self.folder is not None
+            self.folder.save(group[0].name, value.to(dtype=target))
+            replace_tensor(group, self.folder.meta(group[0].name))
+            return
+        placed = value.to(device=torch_device(device), dtype=target)
+        if own_copy and placed.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+            placed = placed.clone()
+        replace_tensor(group, placed)
+
+
+def load_checkpoint_in_model(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str],
+    device_map: Mapping[str, object] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    strict: bool = True,
+) -> LoadReport:
+    """Read ``checkpoint`` into ``model`` one tensor at a time, each straight to its device and dtype.
+
+    ``checkpoint`` is a ``.safetensors`` file, a ``.bin``/``.pt`` file, an ``*.index.json`` file or a
+    folder holding one. Each tensor goes to the device ``device_map`` gives it (without a map: where the
+    model's tensor is, or the CPU for meta tensors); "disk" tensors are written to ``offload_folder``.
+    Floating-point tensors are converted to ``dtype``, or else to the model's dtype. Peak RAM stays near
+    one shard. Tied parameters stay tied. With ``strict`` (the default) a key mismatch raises
+    `CheckpointError` listing the keys; otherwise the report lists them. Installs no hooks (see
+    `load_checkpoint_and_dispatch`). Example::
+
+        with init_empty_weights():
+            model = MyModel()
+        load_checkpoint_in_model(model, "checkpoints/model.safetensors", dtype=torch.bfloat16)
+    """
+    dtype = to_dtype(dtype)
+    _tie_weights(model)
+    placements = _placements(model, device_map)
+    folder = None
+    if "disk" in placements.values():
+        if offload_folder is None:
+            raise DeviceMapError(
+                "device_map puts tensors on 'disk'; pass offload_folder=<folder> to hold them"
+            )
+        folder = OffloadFolder(offload_folder)
+    checkpoint_ = open_checkpoint(checkpoint)
+    groups = group_by_tensor(tensor_slots(model))
+    report, to_read = _compare(checkpoint_, groups)
+    if strict and (report.missing_keys or report.unexpected_keys):
+        raise _mismatch(checkpoint_, report)
+    loader = _Loader(groups, to_read, placements, dtype, folder)
+    for shard in checkpoint_.shards:
+        loader.load_shard(shard)
+    if folder is not None:
+        folder.flush()
+    return report
+
+
+def _with_disk(
+    max_memory: Mapping[object, int | str] | None, offload_folder: str | os.PathLike[str] | None
+) -> dict[Device, int]:
+    memory = get_max_memory(max_memory)
+    if "disk" not in memory:
+        if offload_folder is None:
+            memory["disk"] = 0
+        else:
+            existing = Path(offload_folder).absolute()
+            while not existing.exists():
+                existing = existing.parent
+            memory["disk"] = shutil.disk_usage(existing).free
+    return memory
+
+
+def load_checkpoint_and_dispatch(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str],
+    device_map: str | Mapping[str, object] | None = "auto",
+    max_memory: Mapping[object, int | str] | None = None,
+    no_split_module_classes: NoSplit | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    main_device: object = None,
+    strict: bool = True,
+) -> nn.Module:
+    """Load a checkpoint into a meta-device model and dispatch it over GPUs, CPU and disk.
+
+    ``device_map`` is a dict, ``None`` (load on the CPU, no hooks) or a strategy name for
+    `infer_auto_device_map` ("auto", "balanced", "balanced_low_0", "sequential"), which then uses
+    ``max_memory``, ``no_split_module_classes`` and ``dtype``; without ``offload_folder`` nothing goes
+    to disk. Then `load_checkpoint_in_model` streams the weights in and `dispatch_model` installs the
+    hooks. Example::
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        model = load_checkpoint_and_dispatch(
+            model, "llama-folder/", max_memory={0: "20GiB", "cpu": "30GiB"},
+            no_split_module_classes=["LlamaDecoderLayer"], offload_folder="offload/", dtype=torch.bfloat16,
+        )
+    """
+    _tie_weights(model)
+    if isinstance(device_map, str):
+        if device_map not in STRATEGIES:
+            raise DeviceMapError(f"device_map={device_map!r} is not a dict, None, or one of {STRATEGIES}")
+        memory = _with_disk(max_memory, offload_folder)
+        device_map = infer_auto_device_map(model, memory, no_split_module_classes, dtype, strategy=device_map)  # type: ignore[arg-type]
+    elif max_memory is not None or no_split_module_classes is not None:
+        warnings.warn(
+            "max_memory and no_split_module_classes only shape an inferred device_map ('auto', ...); "
+            "they are ignored with an explicit device_map",
+            DistribWarning,
+            stacklevel=2,
+        )
+    load_checkpoint_in_model(model, checkpoint, device_map, offload_folder, dtype, strict=strict)
+    if device_map is None:
+        return model
+    return dispatch_model(model, device_map, offload_dir=offload_folder, main_device=main_device)

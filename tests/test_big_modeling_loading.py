@@ -1,0 +1,411 @@
+"""Big-model inference end to end: checkpoints in every layout, dispatch, CPU and disk offload, HF models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from distrib import (
+    cpu_offload,
+    disk_offload,
+    dispatch_model,
+    infer_auto_device_map,
+    init_empty_weights,
+    load_checkpoint_and_dispatch,
+    load_checkpoint_in_model,
+    remove_hooks,
+)
+from distrib.big_modeling._dispatch import HOOK_ATTR
+from distrib.big_modeling._offload import OffloadFolder
+from distrib.errors import CheckpointError, DeviceMapError, DistribWarning
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class Net(nn.Module):
+    """A small language-model shape: embedding, blocks, head tied to the embedding, a float buffer."""
+
+    def __init__(self, dim: int = 32, num_blocks: int = 4, vocab: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(num_blocks))
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x) * self.scale
+
+
+DISK_MAP = {
+    "embed": "cpu",
+    "blocks.0": "cpu",
+    "blocks.1": "disk",
+    "blocks.2": "disk",
+    "blocks.3": "cpu",
+    "head": "cpu",
+    "scale": "cpu",
+}
+
+
+def state_without_ties(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    del state["head.weight"]  # tied to embed.weight; safetensors files hold it once
+    return state
+
+
+def save_sharded(state: dict[str, torch.Tensor], folder: Path, num_shards: int = 3) -> None:
+    names = list(state)
+    weight_map = {}
+    for index in range(num_shards):
+        file_name = f"model-{index + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {name: state[name] for name in names[index::num_shards]}
+        save_file(part, folder / file_name)
+        weight_map.update(dict.fromkeys(part, file_name))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[Net, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Net().eval()
+    ids = torch.randint(0, 64, (3, 11))
+    with torch.no_grad():
+        expected = model(ids)
+    return model, ids, expected
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, reference) -> dict[str, Path]:
+    model = reference[0]
+    root = tmp_path_factory.mktemp("checkpoints")
+    single = root / "model.safetensors"
+    save_file(state_without_ties(model), single)
+    sharded = root / "sharded"
+    sharded.mkdir()
+    save_sharded(state_without_ties(model), sharded)
+    torch_file = root / "pytorch_model.bin"
+    torch.save(model.state_dict(), torch_file)
+    return {"single": single, "sharded": sharded, "bin": torch_file}
+
+
+def empty_net() -> Net:
+    with init_empty_weights():
+        return Net().eval()
+
+
+def run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "bin"])
+def test_every_checkpoint_layout_loads_exactly(layout, checkpoints, reference):
+    model = empty_net()
+    report = load_checkpoint_in_model(model, checkpoints[layout])
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    assert model.head.weight is model.embed.weight
+    for name, tensor in reference[0].state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert torch.equal(run(model, reference[1]), reference[2])
+
+
+def test_a_disk_offloaded_model_gives_bit_identical_outputs(checkpoints, reference, tmp_path):
+    model = load_checkpoint_and_dispatch(
+        empty_net(), checkpoints["sharded"], device_map=DISK_MAP, offload_folder=tmp_path
+    )
+    assert model.blocks[1].up.weight.is_meta  # offloaded: nothing in RAM between forwards
+    assert (tmp_path / "blocks.1.up.weight.dat").stat().st_size == 64 * 32 * 4
+    assert torch.equal(run(model, reference[1]), reference[2])
+    assert torch.equal(run(model, reference[1]), reference[2])  # weights were released and re-read
+    assert model.blocks[2].down.weight.is_meta
+    assert model.head.weight is model.embed.weight
+
+
+def test_auto_device_map_with_a_small_budget_offloads_to_disk(checkpoints, reference, tmp_path):
+    model = load_checkpoint_and_dispatch(
+        empty_net(),
+        checkpoints["single"],
+        max_memory={"cpu": 30_000},
+        no_split_module_classes=["Block"],
+        offload_folder=tmp_path,
+    )
+    placed = [module.__dict__[HOOK_ATTR] for module in model.modules() if HOOK_ATTR in module.__dict__]
+    assert any(state.offloaded for state in placed)
+    assert json.loads((tmp_path / "index.json").read_text())
+    assert torch.equal(run(model, reference[1]), reference[2])
+
+
+def test_dtype_is_converted_on_load(checkpoints, reference, tmp_path):
+    model = load_checkpoint_and_dispatch(
+        empty_net(), checkpoints["single"], device_map=DISK_MAP, offload_folder=tmp_path, dtype=torch.bfloat16
+    )
+    assert model.embed.weight.dtype == torch.bfloat16 and model.scale.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "index.json").read_text())["blocks.1.up.weight"]["dtype"] == "bfloat16"
+    expected = run(_copy(reference[0]).to(torch.bfloat16), reference[1])
+    assert torch.equal(run(model, reference[1]), expected)
+
+
+def test_model_dtype_wins_when_no_dtype_is_given(reference, tmp_path):
+    save_file(
+        {k: v.to(torch.float16) for k, v in state_without_ties(reference[0]).items()},
+        tmp_path / "half.safetensors",
+    )
+    model = empty_net()
+    load_checkpoint_in_model(model, tmp_path / "half.safetensors")
+    assert model.blocks[0].up.weight.dtype == torch.float32
+    assert torch.equal(model.blocks[0].up.weight, reference[0].blocks[0].up.weight.half().float())
+
+
+# --- checkpoint errors -----------------------------------------------------------------------------------
+
+
+def test_missing_and_unexpected_keys_are_listed(reference, tmp_path):
+    state = state_without_ties(reference[0])
+    del state["blocks.2.up.bias"]
+    state["blocks.9.extra"] = torch.zeros(1)
+    save_file(state, tmp_path / "bad.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"1 missing .*'blocks\.2\.up\.bias'.*1 unexpected .*'blocks\.9\.extra'"
+    ):
+        load_checkpoint_in_model(empty_net(), tmp_path / "bad.safetensors")
+    report = load_checkpoint_in_model(empty_net(), tmp_path / "bad.safetensors", strict=False)
+    assert report.missing_keys == ["blocks.2.up.bias"] and report.unexpected_keys == ["blocks.9.extra"]
+
+
+def test_shards_missing_from_the_folder_are_named(reference, tmp_path):
+    save_sharded(state_without_ties(reference[0]), tmp_path)
+    (tmp_path / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing from .*'model-00002-of-00003\.safetensors'"):
+        load_checkpoint_in_model(empty_net(), tmp_path)
+
+
+def test_shards_the_index_does_not_list_are_pointed_out(reference, tmp_path):
+    save_sharded(state_without_ties(reference[0]), tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not v.startswith("model-00003")}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError, match=r"missing .*index does not list \(\['model-00003-of-00003\.safetensors'\]"
+    ):
+        load_checkpoint_in_model(empty_net(), tmp_path)
+
+
+def test_a_shape_mismatch_names_the_tensor(reference, tmp_path):
+    state = state_without_ties(reference[0])
+    state["blocks.0.up.weight"] = torch.zeros(3, 3)
+    save_file(state, tmp_path / "bad.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"'blocks\.0\.up\.weight' has shape \(3, 3\) but the model's has \(64, 32\)"
+    ):
+        load_checkpoint_in_model(empty_net(), tmp_path / "bad.safetensors")
+
+
+def test_unreadable_checkpoint_paths_are_explained(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint_in_model(empty_net(), tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="found no checkpoint in folder"):
+        load_checkpoint_in_model(empty_net(), tmp_path)
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a format"):
+        load_checkpoint_in_model(empty_net(), tmp_path / "weights.npz")
+
+
+# --- device map and dispatch errors ---------------------------------------------------------------------
+
+
+def test_disk_without_a_folder_and_too_little_memory_name_the_fix(checkpoints):
+    with pytest.raises(DeviceMapError, match="offload_folder"):
+        load_checkpoint_and_dispatch(empty_net(), checkpoints["single"], device_map=DISK_MAP)
+    with pytest.raises(DeviceMapError, match=r"needs .* at least .* more is needed.*offload_folder"):
+        load_checkpoint_and_dispatch(empty_net(), checkpoints["single"], max_memory={"cpu": "10KB"})
+
+
+def test_an_incomplete_device_map_names_the_unassigned_modules(checkpoints):
+    with pytest.raises(DeviceMapError, match=r"unassigned: \['blocks\.3', 'head'\]"):
+        load_checkpoint_and_dispatch(
+            empty_net(),
+            checkpoints["single"],
+            device_map={
+                "embed": "cpu",
+                "blocks.0": "cpu",
+                "blocks.1": "cpu",
+                "blocks.2": "cpu",
+                "scale": "cpu",
+            },
+        )
+
+
+def test_max_memory_with_an_explicit_map_is_ignored_with_a_warning(checkpoints):
+    with pytest.warns(DistribWarning, match="ignored"):
+        load_checkpoint_and_dispatch(
+            empty_net(), checkpoints["single"], device_map={"": "cpu"}, max_memory={"cpu": 1}
+        )
+
+
+def test_dispatching_a_model_without_weights_is_an_error():
+    with pytest.raises(DeviceMapError, match="meta device"):
+        dispatch_model(empty_net(), {"": "cpu"})
+
+
+def test_dispatching_twice_asks_for_remove_hooks_first(reference):
+    model = cpu_offload(_copy(reference[0]))
+    with pytest.raises(DeviceMapError, match="remove_hooks"):
+        dispatch_model(model, {"": "cpu"})
+
+
+# --- offload helpers, hooks and the disk format -----------------------------------------------------
+
+
+def _copy(model: nn.Module) -> Net:
+    copy = Net().eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def test_cpu_offload_on_a_cpu_machine_keeps_outputs(reference):
+    model = cpu_offload(_copy(reference[0]))
+    assert torch.equal(run(model, reference[1]), reference[2])
+
+
+def test_disk_offload_and_remove_hooks_round_trip(reference, tmp_path):
+    model = disk_offload(_copy(reference[0]), tmp_path)
+    assert all(p.is_meta for p in model.parameters())
+    assert torch.equal(run(model, reference[1]), reference[2])
+    remove_hooks(model)
+    assert not any(p.is_meta for p in model.parameters())
+    assert not any(module._forward_pre_hooks or module._forward_hooks for module in model.modules())
+    assert model.head.weight is model.embed.weight
+    assert torch.equal(run(model, reference[1]), reference[2])
+
+
+def test_an_offload_folder_is_reused_by_a_later_run(reference, tmp_path):
+    disk_offload(_copy(reference[0]), tmp_path)
+    fresh = dispatch_model(empty_net(), {"": "disk"}, offload_dir=tmp_path)  # nothing loaded: all from files
+    assert torch.equal(run(fresh, reference[1]), reference[2])
+
+
+def test_outputs_come_back_on_the_main_device_even_from_a_module_inside(reference, tmp_path):
+    model = dispatch_model(_copy(reference[0]), DISK_MAP, offload_dir=tmp_path, main_device="cpu")
+    hidden = model.blocks[1](torch.randn(2, 32))  # a disk block called on its own still works
+    assert hidden.shape == (2, 32) and model.blocks[1].up.weight.is_meta
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(5, 3).to(torch.bfloat16),
+        torch.randn(4).half(),
+        torch.randn(2, 2, dtype=torch.complex64),
+        torch.randint(-100, 100, (7,), dtype=torch.int8),
+        torch.tensor([True, False, True]),
+        torch.tensor(3.25, dtype=torch.float64),
+        torch.empty(0, 4),
+        torch.randn(3, 3).to(torch.float8_e4m3fn),
+    ],
+    ids=lambda t: str(t.dtype),
+)
+def test_the_disk_format_round_trips_every_dtype_bit_for_bit(tensor, tmp_path):
+    folder = OffloadFolder(tmp_path)
+    folder.save("w", tensor)
+    folder.flush()
+    loaded = OffloadFolder(tmp_path).load("w")  # a new folder object reads the index from disk
+    assert loaded.dtype == tensor.dtype and loaded.shape == tensor.shape
+    raw = tensor.reshape(-1).view(torch.uint8)
+    assert torch.equal(loaded.reshape(-1).view(torch.uint8), raw)
+    assert json.loads((tmp_path / "index.json").read_text())["w"]["dtype"] == str(tensor.dtype).removeprefix(
+        "torch."
+    )
+
+
+def test_a_missing_offloaded_tensor_is_reported(tmp_path):
+    with pytest.raises(CheckpointError, match="not in the offload folder"):
+        OffloadFolder(tmp_path).load("head.weight")
+
+
+# --- transformers ----------------------------------------------------------------------------------
+
+
+def test_a_transformers_model_built_from_a_config_runs_offloaded(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    state = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # tied
+    (tmp_path / "ckpt").mkdir()
+    save_sharded(state, tmp_path / "ckpt", num_shards=4)  # save_pretrained would import deepspeed
+    with init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert model.model.rotary_emb.inv_freq.device.type == "cpu"  # computed buffers stay real
+    device_map = infer_auto_device_map(model, {"cpu": 60_000}, model._no_split_modules)
+    assert "disk" in device_map.values()
+    model = load_checkpoint_and_dispatch(
+        model, tmp_path / "ckpt", device_map=device_map, offload_folder=tmp_path / "off"
+    )
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+        generated = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False
+        )
+        expected = reference.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False
+        )
+    assert torch.equal(generated, expected)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# --- GPU ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_layers_cpu_and_disk_offload_match_the_plain_model(checkpoints, reference, tmp_path):
+    device_map = {**DISK_MAP, "embed": 0, "head": 0, "blocks.0": 0}
+    model = load_checkpoint_and_dispatch(
+        empty_net(), checkpoints["sharded"], device_map=device_map, offload_folder=tmp_path
+    )
+    assert model.blocks[0].up.weight.device == torch.device("cuda", 0)
+    assert model.blocks[3].up.weight.is_meta  # on "cpu" with a GPU main device: streamed in
+    out = run(model, reference[1])
+    assert out.device == torch.device("cuda", 0)
+    torch.testing.assert_close(out.cpu(), reference[2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_cpu_offload_streams_weights(reference):
+    model = cpu_offload(_copy(reference[0]), execution_device=0)
+    before = torch.cuda.memory_allocated(0)
+    out = run(model, reference[1])
+    assert out.device.type == "cuda"
+    assert torch.cuda.memory_allocated(0) - before < 64 * 1024  # only the output stays
+    torch.testing.assert_close(out.cpu(), reference[2], rtol=1e-4, atol=1e-5)
