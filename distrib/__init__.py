@@ -90,6 +90,9 @@ _EXPORTS: dict[str, str] = {
     "get_logger": "_logging",
     "progress_bar": "_progress",
     "profile": "_profiler",
+    # launching from Python
+    "notebook_launcher": "_launchers",
+    "debug_launcher": "_launchers",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -121,6 +124,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         wait_for_everyone,
     )
     from ._data.loader import skip_first_batches
+    from ._launchers import debug_launcher, notebook_launcher
     from ._logging import get_logger
     from ._options import DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
     from ._precision import autocast

@@ -1,0 +1,196 @@
+"""Run a `LaunchPlan`: torch's elastic agent (or `torch_xla.launch`) does the process work.
+
+The elastic executor builds a `torch.distributed.launcher.api.LaunchConfig` from the plan (the same
+object `torchrun` builds from its flags) and calls `elastic_launch`: rendezvous (static or c10d) on the
+main process address, one agent per machine starting `processes_per_machine` workers, health checks
+every `monitor_interval` seconds, stopping every worker when one fails, and restarting the group up to
+`max_restarts` times. A final failure arrives as `ChildFailedError`; `failures.py` turns it into a report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from ..errors import LaunchError, missing_extra
+from . import failures
+from .plan import LaunchPlan
+
+SHUTDOWN_TIMEOUT_S = 5
+
+
+def free_port() -> int:
+    """A TCP port that was free on every interface a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    """True when another process listens on (or holds) `port` on this machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as exc:
+            return exc.errno in (errno.EADDRINUSE, errno.EACCES)
+    return False
+
+
+@contextlib.contextmanager
+def worker_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """Export `env` to the processes started inside the block, then restore the caller's environment
+    exactly (torch's `launch_agent` adds variables of its own, e.g. TORCHELASTIC_SIGNALS_TO_HANDLE)."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k not in saved]:
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
+def resolve_port(plan: LaunchPlan) -> LaunchPlan:
+    """The plan with its rendezvous port fixed (a free one when the plan left it open)."""
+    if plan.main_process_port is not None:
+        return plan
+    return dataclasses.replace(plan, main_process_port=free_port())
+
+
+def launch_config(plan: LaunchPlan, *, log_dir: str, start_method: str = "spawn") -> Any:
+    """The `LaunchConfig` torchrun would build for this plan."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig
+
+    assert plan.main_process_port is not None, "resolve_port() first"
+    rdzv_configs: dict[str, Any] = {"timeout": plan.rdzv_timeout}
+    if plan.rdzv_backend == "static":
+        rdzv_configs["rank"] = plan.machine_rank
+    else:
+        rdzv_configs["is_host"] = plan.machine_rank == 0
+    extra: dict[str, Any] = {}
+    if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:
+        extra["shutdown_timeout"] = SHUTDOWN_TIMEOUT_S
+    return LaunchConfig(
+        min_nodes=plan.num_machines,
+        max_nodes=plan.num_machines,
+        nproc_per_node=plan.processes_per_machine,
+        run_id=plan.run_id,
+        role="worker",
+        rdzv_endpoint=f"{plan.main_process_ip}:{plan.main_process_port}",
+        rdzv_backend=plan.rdzv_backend,
+        rdzv_configs=rdzv_configs,
+        max_restarts=plan.max_restarts,
+        monitor_interval=plan.monitor_interval,
+        start_method=start_method,
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        **extra,
+    )
+
+
+class _RestartNotice(logging.Filter):
+    """Turns the agent's "will restart worker group" record into one line of ours; drops the rest."""
+
+    def __init__(self, quiet: bool) -> None:
+        super().__init__()
+        self.quiet = quiet
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "will restart worker group" in str(record.msg) and "attempts left" in str(record.msg):
+            if not self.quiet:
+                print(
+                    "distrib: the worker group failed; restarting it (--max-restarts)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return False
+        return record.levelno >= logging.CRITICAL
+
+
+def quiet_torch_logs(*, quiet: bool) -> None:
+    """Silence torch's elastic loggers (each sets its own level), since failures get our own report;
+    keep a one-line notice when the agent restarts the worker group."""
+    manager = logging.Logger.manager
+    for name in list(manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.launcher"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    agent = logging.getLogger("torch.distributed.elastic.agent.server.api")
+    agent.setLevel(logging.INFO)
+    for old in [f for f in agent.filters if isinstance(f, _RestartNotice)]:
+        agent.removeFilter(old)
+    agent.addFilter(_RestartNotice(quiet))
+
+
+def run_elastic(
+    plan: LaunchPlan,
+    entrypoint: Callable[..., Any] | None = None,
+    args: tuple[Any, ...] = (),
+    *,
+    start_method: str = "spawn",
+    quiet: bool = False,
+) -> dict[int, Any]:
+    """Start the workers of this machine and wait for them; return each local worker's return value.
+
+    `entrypoint=None` runs the plan's target through the worker bootstrap in a fresh interpreter;
+    a function runs in `start_method` processes. Raises `LaunchError` with the failure report.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    plan = resolve_port(plan)
+    with tempfile.TemporaryDirectory(prefix="distrib-") as log_dir, worker_environment(plan.env):
+        config = launch_config(plan, log_dir=log_dir, start_method=start_method)
+        quiet_torch_logs(quiet=quiet)
+        try:
+            if entrypoint is None:
+                return elastic_launch(config, sys.executable)(*plan.worker_args())  # type: ignore[no-any-return]
+            return elastic_launch(config, entrypoint)(*args)  # type: ignore[no-any-return]
+        except ChildFailedError as exc:
+            found = failures.add_sibling_errors(failures.from_process_failures(exc.failures), exc.failures)
+            report = failures.format_report(
+                found,
+                machine_rank=plan.machine_rank,
+                hostname=socket.gethostname(),
+                restarts=plan.max_restarts,
+            )
+            raise WorkersFailed(report, failures.exit_code(failures.first_failure(found))) from None
+
+
+class WorkersFailed(LaunchError):
+    """A worker failed; the message is the report and `exit_code` what the launcher should return."""
+
+    def __init__(self, report: str, exit_code: int) -> None:
+        super().__init__(report)
+        self.exit_code = exit_code
+
+
+def run_xla(plan: LaunchPlan) -> None:
+    """Start one process per local XLA device with `torch_xla.launch`, each running the target."""
+    try:
+        import torch_xla
+    except ImportError:
+        raise missing_extra("torch_xla", "xla", "strategy 'xla'") from None
+    with worker_environment(plan.env):
+        torch_xla.launch(
+            _xla_worker,
+            args=(plan.target.name, plan.target.args, plan.target.kind == "module"),
+            debug_single_process=plan.processes_per_machine == 1,
+        )
+
+
+def _xla_worker(index: int, target: str, args: tuple[str, ...], is_module: bool) -> None:
+    """Entry point of one XLA process (module level, so `spawn` can pickle it)."""
+    from . import worker
+
+    worker.run(target, list(args), is_module=is_module)

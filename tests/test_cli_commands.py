@@ -1,0 +1,289 @@
+"""`distrib launch/test/env` in-process with CliRunner (no workers started), and the failure report."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from distrib._cli import failures, machine
+from distrib._cli.main import cli
+from distrib._cli.plan import MachineFacts
+from distrib._settings import choices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No user config file, a fixed 4-core CPU-only machine, and no SLURM."""
+    monkeypatch.setenv("DISTRIB_CONFIG_DIR", str(tmp_path / "cfg"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_STEP_NUM_NODES", raising=False)
+    monkeypatch.setattr(machine, "detect", lambda need_gpus=True: MachineFacts(cpu_count=4, gpu_count=0))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("print('hi')\n")
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_dry_run_prints_the_plan_and_exits_0():
+    code, out = invoke(
+        "launch",
+        "--num-processes",
+        "2",
+        "--mixed-precision",
+        "bf16",
+        "--env",
+        "A=1=2",
+        "--dry-run",
+        "train.py",
+        "--lr",
+        "3",
+    )
+    assert code == 0, out
+    assert "2 in total" in out and "DISTRIB_MIXED_PRECISION=bf16" in out and "A=1=2" in out
+    assert "OMP_NUM_THREADS=2" in out and "train.py --lr 3" in out
+
+
+def test_command_line_overrides_the_config_file(tmp_path: Path):
+    (tmp_path / "c.yaml").write_text("version: 1\nnum_processes: 4\nmixed_precision: bf16\nenv:\n  X: file\n")
+    code, out = invoke(
+        "launch", "--config-file", "c.yaml", "--num-processes", "2", "--env", "X=cli", "--dry-run", "train.py"
+    )
+    assert code == 0, out
+    assert "2 in total" in out and "DISTRIB_MIXED_PRECISION=bf16" in out and "X=cli" in out
+    assert "mixed_precision (file)" in out and "num_processes (command line)" in out
+
+
+def test_default_config_file_is_read(tmp_path: Path):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "default_config.yaml").write_text("version: 1\nnum_processes: 3\n")
+    code, out = invoke("launch", "--dry-run", "train.py")
+    assert code == 0 and "3 in total" in out
+
+
+def test_arguments_after_the_script_belong_to_the_script():
+    code, out = invoke("launch", "--dry-run", "train.py", "--num-processes", "7", "--bogus")
+    assert code == 0, out
+    assert "1 in total" in out and "train.py --num-processes 7 --bogus" in out
+
+
+def test_module_targets():
+    code, out = invoke("launch", "--dry-run", "-m", "pkg.train", "--epochs", "2")
+    assert code == 0, out
+    assert "module pkg.train --epochs 2" in out and "--module pkg.train --epochs 2" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus", "train.py"], "No such option '--bogus'"),
+        (["missing.py"], "script 'missing.py' not found"),
+        (["--num-processes", "0", "train.py"], "0 is not in the range x>=1"),
+        (["--mixed-precision", "fp32", "train.py"], "'fp32' is not one of"),
+        (
+            ["--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "h", "train.py"],
+            "machine_rank=2 is out of range for num_machines=2",
+        ),
+        (["--num-machines", "2", "train.py"], "needs main_process_ip"),
+        (["--mixed-precision", "fp16", "train.py"], "needs a GPU"),
+        (["--cpu", "--mixed-precision", "fp8", "train.py"], "needs a GPU"),
+        (["--env", "NOEQUALS", "train.py"], "is not KEY=VALUE"),
+        (["--config-file", "nope.yaml", "train.py"], "config file 'nope.yaml' does not exist"),
+        (["--zero-stage", "5", "train.py"], "'5' is not one of '0', '1', '2', '3'"),
+    ],
+)
+def test_usage_errors_exit_2_and_name_the_problem(args: list[str], message: str):
+    code, out = invoke("launch", *args)
+    assert code == 2, out
+    assert message in out
+    assert len(out.splitlines()) < 25  # one screen
+
+
+def test_a_port_in_use_on_machine_0_is_a_usage_error():
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, out = invoke("launch", "--main-process-port", str(port), "train.py")
+    assert code == 2, out
+    assert f"port {port} is already in use" in out and "--main-process-port" in out
+
+
+def test_choices_come_from_the_settings_literals():
+    code, out = invoke("launch", "--help")
+    assert code == 0
+    assert "[" + "|".join(choices("mixed_precision")) + "]" in out
+    assert "[" + "|".join(choices("strategy")) + "]" in out
+
+
+def test_launch_help_is_the_manual():
+    code, out = invoke("launch", "--help")
+    assert code == 0
+    for flag in (
+        "--num-processes",
+        "--num-machines",
+        "--machine-rank",
+        "--main-process-ip",
+        "--main-process-port",
+        "--rdzv-backend",
+        "--max-restarts",
+        "--monitor-interval",
+        "--strategy",
+        "--mixed-precision",
+        "--gradient-accumulation-steps",
+        "--cpu",
+        "--gpu-ids",
+        "--num-cpu-threads-per-process",
+        "--fsdp-sharding",
+        "--fsdp-cpu-offload",
+        "--fsdp-activation-checkpointing",
+        "--deepspeed-config-file",
+        "--zero-stage",
+        "--offload-optimizer",
+        "--offload-params",
+        "--env",
+        "--dry-run",
+        "--quiet",
+        "--config-file",
+        "--seed",
+        "--split-batches",
+        "--module",
+    ):
+        assert flag in out, flag
+    for words in (
+        "OMP_NUM_THREADS",
+        "DISTRIB_MIXED_PRECISION",
+        "TORCHELASTIC_RESTART_COUNT",
+        "traceback",
+        "Rendezvous and restarts",
+        "FSDP",
+        "DeepSpeed",
+    ):
+        assert words in out, words
+
+
+def test_test_command_dry_run_targets_the_sanity_script():
+    code, out = invoke("test", "--num-processes", "2", "--dry-run")
+    assert code == 0, out
+    assert "sanity.py --expected-world-size 2 --expected-machines 1" in out
+
+
+def test_env_command_lists_versions_and_the_config_file(tmp_path: Path):
+    code, out = invoke("env")
+    assert code == 0, out
+    for words in (
+        "distrib",
+        "torch",
+        "Python",
+        "OS",
+        "gloo available",
+        "NCCL available",
+        "deepspeed",
+        "torch_xla",
+        "config file",
+        "does not exist",
+    ):
+        assert words in out, words
+
+
+def test_python_dash_m_distrib_and_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "distrib", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0 and "distrib, version" in out.stdout, out.stdout + out.stderr
+
+
+def test_cli_modules_do_not_import_torch():
+    code = (
+        "import sys, json; import distrib._cli.main, distrib._cli.executor, distrib._cli.worker; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+
+
+def test_reference_docs_are_up_to_date():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "gen_cli_reference.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- failure reports --------------------------------------------------------------------------------
+
+TRACE = (
+    "Traceback (most recent call last):\n"
+    '  File "<frozen runpy>", line 198, in _run_module_as_main\n'
+    '  File "/x/distrib/_cli/worker.py", line 28, in main\n'
+    "    run(args[0], args[1:], is_module=is_module)\n"
+    '  File "/x/train.py", line 6, in <module>\n'
+    '    raise RuntimeError("boom")\n'
+    "RuntimeError: boom"
+)
+
+
+def failure(
+    rank: int, exitcode: int, t: float, traceback: str = "", message: str = ""
+) -> failures.WorkerFailure:
+    return failures.WorkerFailure(
+        rank=rank,
+        local_rank=rank,
+        exitcode=exitcode,
+        pid=100 + rank,
+        timestamp=t,
+        traceback=traceback,
+        message=message,
+    )
+
+
+def test_traceback_is_trimmed_to_the_users_frames():
+    trimmed = failures.trim_traceback(TRACE)
+    assert "worker.py" not in trimmed and "frozen runpy" not in trimmed
+    assert trimmed.splitlines()[1:] == [
+        '  File "/x/train.py", line 6, in <module>',
+        '    raise RuntimeError("boom")',
+        "RuntimeError: boom",
+    ]
+
+
+def test_the_worker_that_failed_first_is_reported_not_the_ones_stopped_after_it():
+    crashed = failure(1, 1, 10.5, failures.trim_traceback(TRACE))
+    stopped = failure(0, -15, 10.0)
+    peer = failure(2, 1, 10.2, "RuntimeError: Connection closed by peer [127.0.0.1]:1")
+    found = [stopped, peer, crashed]
+    assert failures.first_failure(found) is crashed
+    report = failures.format_report(found, machine_rank=3, hostname="node7", restarts=1)
+    assert report.splitlines()[0] == (
+        "distrib: rank 1 (local rank 1) on machine 3 (node7) failed first: exit code 1 (pid 101)."
+    )
+    assert "RuntimeError: boom" in report
+    assert "rank 0 (local rank 0): stopped by the launcher (killed by SIGTERM)" in report
+    assert "rank 2 (local rank 2): failed later (exit code 1)" in report
+    assert "restarted 1 time(s)" in report
+    assert failures.exit_code(crashed) == 1 and failures.exit_code(failure(0, -11, 1)) == 139
+
+
+def test_a_crash_without_traceback_says_so():
+    report = failures.format_report([failure(0, -11, 1.0, message="<NONE>")], machine_rank=0, hostname="h")
+    assert "killed by SIGSEGV" in report and "no Python traceback" in report

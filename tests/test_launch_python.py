@@ -1,0 +1,51 @@
+"""`debug_launcher` and `notebook_launcher`: functions on real CPU processes through the elastic agent."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import distrib
+from distrib.errors import LaunchError, SettingsError
+
+pytestmark = pytest.mark.slow
+
+
+def _describe(scale: int) -> tuple[int, int, str, str, float]:
+    with distrib.distributed() as ctx:
+        total = distrib.reduce(torch.tensor([float(ctx.rank + 1)]), "sum").item()
+        return ctx.rank, ctx.world_size * scale, ctx.mixed_precision, os.environ.get("EXTRA", ""), total
+
+
+def _fail_on_rank_1() -> None:
+    with distrib.distributed() as ctx:
+        if ctx.rank == 1:
+            raise ValueError("rank 1 refuses")
+        distrib.wait_for_everyone()
+
+
+def test_notebook_launcher_returns_every_rank_result_with_settings_and_environment():
+    before = dict(os.environ)
+    results = distrib.notebook_launcher(
+        _describe, args=(10,), num_processes=2, cpu=True, mixed_precision="bf16", env={"EXTRA": "x"}
+    )
+    assert results == [(0, 20, "bf16", "x", 3.0), (1, 20, "bf16", "x", 3.0)]
+    assert dict(os.environ) == before  # nothing leaks into the caller's environment
+
+
+def test_the_first_failure_is_raised_with_its_rank_and_traceback():
+    with pytest.raises(LaunchError) as info:
+        distrib.debug_launcher(_fail_on_rank_1, num_processes=2)  # CPU, gloo
+    message = str(info.value)
+    assert message.startswith("distrib: rank 1 (local rank 1) on machine 0"), message
+    assert "ValueError: rank 1 refuses" in message
+    assert 'raise ValueError("rank 1 refuses")' in message
+
+
+def test_bad_arguments_are_refused_before_any_process_starts():
+    with pytest.raises(SettingsError, match="unknown key 'mixed_precison'"):
+        distrib.notebook_launcher(_describe, num_processes=2, cpu=True, mixed_precison="bf16")
+    with pytest.raises(SettingsError, match="needs a GPU"):
+        distrib.notebook_launcher(_describe, num_processes=2, cpu=True, mixed_precision="fp16")

@@ -1,0 +1,225 @@
+"""Real launches through `python -m distrib launch`: torch's elastic agent, gloo, CPU processes.
+
+Each test starts real worker processes (about 2 s per rank here), so several checks share one launch.
+Every subprocess has a timeout and its whole output is printed when an assertion fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from distrib.testing import free_port
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 120
+
+
+def distrib_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTRIB_", "SLURM_", "OMP_NUM_THREADS"))}
+    env["DISTRIB_CONFIG_DIR"] = str(tmp_path / "no-config")
+    return env
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "distrib", *args]
+
+
+def run(tmp_path: Path, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(*args),
+        cwd=tmp_path,
+        env=distrib_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def shown(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit code {result.returncode}\n--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+
+
+def script(tmp_path: Path, name: str, body: str) -> str:
+    (tmp_path / name).write_text(textwrap.dedent(body))
+    return name
+
+
+REPORT = """
+    import os, sys
+    import torch
+    import distrib
+
+    with distrib.distributed() as ctx:
+        total = distrib.reduce(torch.tensor([float(ctx.rank)]), "sum").item()
+        print(f"REPORT rank={ctx.rank} local={ctx.local_rank} world={ctx.world_size} node={ctx.node_rank} "
+              f"nodes={ctx.num_nodes} strategy={ctx.strategy} mp={ctx.mixed_precision} sum={total:g} "
+              f"omp={os.environ.get('OMP_NUM_THREADS')} extra={os.environ.get('EXTRA')} args={sys.argv[1:]}",
+              flush=True)
+"""
+
+
+def reports(stdout: str) -> list[dict[str, str]]:
+    out = []
+    for line in stdout.splitlines():
+        if line.startswith("REPORT "):
+            out.append(dict(part.split("=", 1) for part in line[len("REPORT ") :].split(" ", 10)))
+    return sorted(out, key=lambda r: int(r["rank"]))
+
+
+def test_two_processes_get_ranks_settings_and_script_args(tmp_path: Path):
+    name = script(tmp_path, "report.py", REPORT)
+    result = run(
+        tmp_path,
+        "launch",
+        "--num-processes",
+        "2",
+        "--mixed-precision",
+        "bf16",
+        "--env",
+        "EXTRA=yes",
+        name,
+        "--lr",
+        "3",
+    )
+    assert result.returncode == 0, shown(result)
+    found = reports(result.stdout)
+    assert [r["rank"] for r in found] == ["0", "1"], shown(result)
+    for r in found:
+        assert (r["world"], r["strategy"], r["mp"], r["sum"], r["extra"]) == ("2", "ddp", "bf16", "1", "yes")
+        assert r["omp"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+        assert r["args"] == "['--lr', '3']"
+
+
+def test_four_processes_from_a_module_and_a_config_file(tmp_path: Path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    script(package, "report.py", REPORT)
+    (tmp_path / "c.yaml").write_text("version: 1\nnum_processes: 4\nnum_cpu_threads_per_process: 1\n")
+    result = run(tmp_path, "launch", "--config-file", "c.yaml", "-m", "pkg.report", "x")
+    assert result.returncode == 0, shown(result)
+    found = reports(result.stdout)
+    assert [(r["rank"], r["local"], r["world"], r["omp"]) for r in found] == [
+        (str(i), str(i), "4", "1") for i in range(4)
+    ], shown(result)
+    assert {r["sum"] for r in found} == {"6"}
+
+
+@pytest.mark.parametrize("backend", ["static", "c10d"])
+def test_two_machines_on_this_host(tmp_path: Path, backend: str):
+    name = script(tmp_path, "report.py", REPORT)
+    port = free_port()
+    common = [
+        "launch",
+        "--num-machines",
+        "2",
+        "--num-processes",
+        "2",
+        "--main-process-ip",
+        "127.0.0.1",
+        "--main-process-port",
+        str(port),
+        "--rdzv-backend",
+        backend,
+        "--rdzv-timeout",
+        "60",
+    ]
+    procs = [
+        subprocess.Popen(
+            command(*common, "--machine-rank", str(rank), name),
+            cwd=tmp_path,
+            env=distrib_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (1, 0)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=TIMEOUT)
+            outputs.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            proc.kill()
+    text = "\n".join(shown(o) for o in outputs)
+    assert all(o.returncode == 0 for o in outputs), text
+    found = reports(outputs[0].stdout + outputs[1].stdout)
+    assert [(r["rank"], r["node"], r["local"], r["nodes"], r["world"], r["sum"]) for r in found] == [
+        ("0", "0", "0", "2", "2", "1"),
+        ("1", "1", "0", "2", "2", "1"),
+    ], text
+    if backend == "static":  # node rank = --machine-rank; c10d numbers the machines in the order they join
+        assert "node=1" in outputs[0].stdout, text
+
+
+def test_a_failing_rank_stops_the_others_and_is_reported_with_its_traceback(tmp_path: Path):
+    name = script(
+        tmp_path,
+        "fail.py",
+        """
+        import os, time
+        if os.environ["RANK"] == "1":
+            raise RuntimeError("boom on purpose")
+        time.sleep(120)
+        print("rank 0 was never stopped", flush=True)
+    """,
+    )
+    started = time.monotonic()
+    result = run(tmp_path, "launch", "--num-processes", "2", name)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, shown(result)
+    assert elapsed < 30, f"took {elapsed:.0f} s\n" + shown(result)
+    report = result.stderr[result.stderr.index("distrib: rank 1") :]
+    assert report.startswith("distrib: rank 1 (local rank 1) on machine 0"), shown(result)
+    assert 'File "' in report and 'raise RuntimeError("boom on purpose")' in report, shown(result)
+    assert "RuntimeError: boom on purpose" in report
+    assert "rank 0 (local rank 0): stopped by the launcher" in report
+    assert "never stopped" not in result.stdout
+
+
+def test_max_restarts_restarts_a_group_that_failed_once(tmp_path: Path):
+    name = script(
+        tmp_path,
+        "flaky.py",
+        """
+        import os
+        attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+        print(f"ATTEMPT rank={os.environ['RANK']} attempt={attempt}", flush=True)
+        if attempt == 0 and os.environ["RANK"] == "1":
+            raise SystemExit("first attempt fails")
+    """,
+    )
+    failed = run(tmp_path, "launch", "--num-processes", "2", "--quiet", name)
+    assert failed.returncode == 1, shown(failed)
+    assert "ATTEMPT rank=1 attempt=1" not in failed.stdout
+    result = run(tmp_path, "launch", "--num-processes", "2", "--max-restarts", "1", name)
+    assert result.returncode == 0, shown(result)
+    assert "ATTEMPT rank=0 attempt=1" in result.stdout and "ATTEMPT rank=1 attempt=1" in result.stdout
+    assert "restarting" in result.stderr, shown(result)
+
+
+def test_distrib_test_passes_on_cpu_with_two_processes(tmp_path: Path):
+    result = run(tmp_path, "test", "--num-processes", "2", "--cpu", timeout=180)
+    assert result.returncode == 0, shown(result)
+    assert "[FAIL]" not in result.stdout
+    for check in (
+        "process group",
+        "ranks and devices",
+        "collectives",
+        "dataloader shards",
+        "training matches one process",
+        "mixed precision",
+    ):
+        assert f"[PASS] {check}" in result.stdout, shown(result)
+    assert "distrib test: PASSED" in result.stderr
