@@ -31,7 +31,14 @@ from ._placement import (
 
 
 class LoadReport(NamedTuple):
-    """Keys the model expected but the checkpoint lacks, and keys the checkpoint has but the model lacks."""
+    """Keys the model expected but the checkpoint lacks, and keys the checkpoint has but the model lacks.
+
+    Returned by `load_checkpoint_in_model`; with ``strict=True`` (the default) a mismatch raises instead.
+    Example::
+
+        report = load_checkpoint_in_model(model, "old-checkpoint.safetensors", strict=False)
+        report.missing_keys  # ['head.bias']
+    """
 
     missing_keys: list[str]
     unexpected_keys: list[str]
