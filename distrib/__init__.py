@@ -76,6 +76,14 @@ _EXPORTS: dict[str, str] = {
     "cpu_offload": "big_modeling",
     "disk_offload": "big_modeling",
     "remove_hooks": "big_modeling",
+    # checkpoints
+    "save_state": "checkpointing",
+    "load_state": "checkpointing",
+    "save_model": "checkpointing",
+    "save": "checkpointing",
+    "register_for_checkpointing": "checkpointing",
+    "register_save_state_pre_hook": "checkpointing",
+    "register_load_state_pre_hook": "checkpointing",
     # tracking, logging, progress, profiling
     "init_trackers": "_tracking",
     "log": "_tracking",
@@ -177,4 +185,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         load_checkpoint_and_dispatch,
         load_checkpoint_in_model,
         remove_hooks,
+    )
+    from .checkpointing import (
+        load_state,
+        register_for_checkpointing,
+        register_load_state_pre_hook,
+        register_save_state_pre_hook,
+        save,
+        save_model,
+        save_state,
     )

@@ -55,12 +55,21 @@ class PreparedOptimizer(torch.optim.Optimizer):
             return None
         if self._scaler is None:
             self._training.optimizer_step_skipped = False
-            return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            self._count_step()
+            return result
         scale = self._scaler.get_scale()
         self._scaler.step(self.optimizer)
         self._scaler.update()
         self._training.optimizer_step_skipped = self._scaler.get_scale() < scale
+        self._count_step()
         return None
+
+    def _count_step(self) -> None:
+        """`optimizer_steps` counts the real steps of the first prepared optimizer (one per window)."""
+        training = self._training
+        if not training.optimizer_step_skipped and training.optimizers and training.optimizers[0] is self:
+            training.optimizer_steps += 1
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._training.sync_gradients:

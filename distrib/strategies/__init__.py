@@ -8,7 +8,11 @@ Every strategy module defines:
 * `setup(runtime) -> state` and `teardown(runtime)`;
 * `prepare_training(runtime, models, optimizers, schedulers) -> (models, optimizers, schedulers)`;
 * `backward(runtime, loss, **kwargs)`, `clip_grad_norm_(runtime, parameters, max_norm, norm_type)`,
-  `unwrap_model(model)`.
+  `unwrap_model(model)`;
+* checkpoints: `save_training_state(runtime, directory)` / `load_training_state(runtime, directory)`
+  (every prepared model and optimizer; all ranks call them), `full_state_dict(runtime, model)` (the
+  unsharded, unwrapped state dict on rank 0, None elsewhere allowed) and the constant
+  `CHECKPOINT_WORLD_SIZE_DEPENDENT` (True where a checkpoint cannot be loaded at another world size).
 
 Optional abilities are small protocols a module opts into by defining the function:
 
@@ -50,6 +54,9 @@ REQUIRED_FUNCTIONS = (
     "backward",
     "clip_grad_norm_",
     "unwrap_model",
+    "save_training_state",
+    "load_training_state",
+    "full_state_dict",
 )
 
 

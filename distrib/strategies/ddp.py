@@ -11,20 +11,30 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import _common
 from ._common import backward, choose_device, clip_grad_norm_, init_process_group, teardown
+from ._plain_checkpoint import (
+    CHECKPOINT_WORLD_SIZE_DEPENDENT,
+    full_state_dict,
+    load_training_state,
+    save_training_state,
+)
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
 
 NAME = "ddp"
 __all__ = [
+    "CHECKPOINT_WORLD_SIZE_DEPENDENT",
     "NAME",
     "backward",
     "choose_device",
     "clip_grad_norm_",
+    "full_state_dict",
     "init_process_group",
     "is_available",
+    "load_training_state",
     "no_sync",
     "prepare_training",
+    "save_training_state",
     "setup",
     "teardown",
     "unavailable_reason",

@@ -9,6 +9,12 @@ import torch
 from ..errors import SettingsError
 from . import _common
 from ._common import backward, choose_device, clip_grad_norm_, teardown
+from ._plain_checkpoint import (
+    CHECKPOINT_WORLD_SIZE_DEPENDENT,
+    full_state_dict,
+    load_training_state,
+    save_training_state,
+)
 
 if TYPE_CHECKING:
     from .._environment import ProcessEnvironment
@@ -17,13 +23,17 @@ if TYPE_CHECKING:
 
 NAME = "single"
 __all__ = [
+    "CHECKPOINT_WORLD_SIZE_DEPENDENT",
     "NAME",
     "backward",
     "choose_device",
     "clip_grad_norm_",
+    "full_state_dict",
     "init_process_group",
     "is_available",
+    "load_training_state",
     "prepare_training",
+    "save_training_state",
     "setup",
     "teardown",
     "unavailable_reason",

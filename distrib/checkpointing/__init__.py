@@ -1,0 +1,31 @@
+"""Checkpoints that never lose a run: `save_state` / `load_state`, `save_model`, `save`, and extensions.
+
+A checkpoint is a directory (layout in `_layout.py`, files in `_objects.py`, `_rng.py` and the strategy's
+`save_training_state`) whose `manifest.json`, written last, lists every file with its size and checksum.
+It is written under a temporary name and renamed into place once complete, so a crash during a save
+never damages earlier checkpoints, and `load_state` verifies every file before loading anything.
+"""
+
+from __future__ import annotations
+
+from ._hooks import (
+    HookHandle,
+    register_for_checkpointing,
+    register_load_state_pre_hook,
+    register_save_state_pre_hook,
+)
+from ._layout import latest_checkpoint
+from ._model import save, save_model
+from ._state import load_state, save_state
+
+__all__ = [
+    "HookHandle",
+    "latest_checkpoint",
+    "load_state",
+    "register_for_checkpointing",
+    "register_load_state_pre_hook",
+    "register_save_state_pre_hook",
+    "save",
+    "save_model",
+    "save_state",
+]

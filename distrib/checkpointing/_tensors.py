@@ -1,0 +1,147 @@
+"""State dicts to and from safetensors files, with tied (shared) tensors handled.
+
+safetensors refuses tensors that share memory. Tied weights (an embedding reused as the output layer) are
+stored once and recorded as aliases in the file's metadata (`read_tensors` restores them), or, for files
+meant for other tools, stored as separate copies so that `load_file` + `load_state_dict` just works.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import CheckpointCorruptError, CheckpointError
+from ._files import write_atomic
+
+if TYPE_CHECKING:
+    from .._runtime import Runtime
+
+ALIASES_KEY = "distrib.aliases"
+
+
+def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def to_safetensors(
+    state_dict: Mapping[str, Any], *, keep_aliases: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU tensors that safetensors accepts, plus `{name: earlier_name}` for tied entries.
+
+    Entries that are the very same view of the same memory become aliases (when `keep_aliases`), other
+    overlapping or non-contiguous tensors are copied. Example::
+
+        tensors, aliases = to_safetensors(model.state_dict())
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple[Any, ...], str] = {}
+    storages: set[tuple[Any, int]] = set()
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"state dict entry {name!r} is a {type(value).__name__}, not a tensor; safetensors files "
+                "hold tensors only."
+            )
+        t = value.detach()
+        if t.numel() == 0:
+            tensors[name] = t.to("cpu").contiguous()
+            continue
+        key = _view_key(t)
+        if keep_aliases and key in views:
+            aliases[name] = views[key]
+            continue
+        storage = (t.device, t.untyped_storage().data_ptr())
+        shared = storage in storages
+        views.setdefault(key, name)
+        storages.add(storage)
+        t = t.to("cpu")
+        tensors[name] = t.clone() if shared else t.contiguous()
+    return tensors, aliases
+
+
+def write_tensors(
+    path: Path,
+    state_dict: Mapping[str, Any],
+    *,
+    keep_aliases: bool = True,
+    metadata: dict[str, str] | None = None,
+    atomic: bool = False,
+) -> None:
+    """Write a state dict to `path` as safetensors; with `atomic=True` through a temporary file that
+    replaces `path` only once complete (not needed inside a checkpoint's temporary directory). Example::
+
+    write_tensors(directory / "model_0.safetensors", model.state_dict())
+    """
+    tensors, aliases = to_safetensors(state_dict, keep_aliases=keep_aliases)
+    meta = {"format": "pt", **(metadata or {})}
+    if aliases:
+        meta[ALIASES_KEY] = json.dumps(aliases)
+    if atomic:
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    else:
+        save_file(tensors, str(path), metadata=meta)
+
+
+def read_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file written by `write_tensors` (tied entries restored as shared tensors).
+
+    Errors name the file when it is missing or damaged. Example::
+
+        state = read_tensors(directory / "model_0.safetensors", device="cpu")
+    """
+    if not path.is_file():
+        raise CheckpointCorruptError(f"checkpoint file {str(path)!r} is missing.")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointCorruptError(f"cannot read the safetensors file {str(path)!r}: {e}") from e
+    for name, source in json.loads(meta.get(ALIASES_KEY, "{}")).items():
+        tensors[name] = tensors[source]
+    return tensors
+
+
+def unwrapped(runtime: Runtime, model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside the strategy's wrapper (and torch.compile's)."""
+    inner = runtime.strategy_module.unwrap_model(model)
+    return getattr(inner, "_orig_mod", inner)  # type: ignore[no-any-return]
+
+
+def save_torch_file(obj: Any, path: Path) -> None:
+    """`torch.save` inside a checkpoint, without the zip container's own CRC-32: the manifest already
+    checksums every file, and computing both halves the speed of large saves."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch < 2.5
+        torch.save(obj, path)
+        return
+    with config.patch({"save.compute_crc32": False}):  # type: ignore[attr-defined]
+        torch.save(obj, path)
+
+
+def load_torch_file(path: Path, device: torch.device | str, *, weights_only: bool) -> Any:
+    """`torch.load` with errors that name the file and, for refused objects, the opt-in."""
+    if not path.is_file():
+        raise CheckpointCorruptError(f"checkpoint file {str(path)!r} is missing.")
+    try:
+        return torch.load(path, map_location=device, weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        refused = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        if not (weights_only and refused):
+            raise CheckpointCorruptError(f"cannot read {str(path)!r}: {e}") from e
+        raise CheckpointCorruptError(
+            f"{str(path)!r} holds objects that safe loading (weights_only=True) refuses ({refused[0][:200]}). "
+            "If you trust this checkpoint, load it with load_state(..., weights_only=False), which runs "
+            "pickled code; or keep such state to tensors and plain Python values."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointCorruptError(f"cannot read {str(path)!r}: {e}") from e
