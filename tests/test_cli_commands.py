@@ -287,3 +287,72 @@ def test_the_worker_that_failed_first_is_reported_not_the_ones_stopped_after_it(
 def test_a_crash_without_traceback_says_so():
     report = failures.format_report([failure(0, -11, 1.0, message="<NONE>")], machine_rank=0, hostname="h")
     assert "killed by SIGSEGV" in report and "no Python traceback" in report
+
+
+# -- worker bootstrap and sanity report -------------------------------------------------------------------
+
+
+def test_worker_bootstrap_runs_the_script_as_main_and_exits_like_python(tmp_path: Path):
+    (tmp_path / "helper.py").write_text("VALUE = 'imported from the script dir'\n")
+    (tmp_path / "job.py").write_text(
+        "import atexit, sys\n"
+        "import torch.distributed  # the bootstrap then skips C++ teardown; Python's must still happen\n"
+        "import helper\n"
+        "log = open(sys.argv[1], 'w')\n"
+        "log.write(f'{__name__} {helper.VALUE} {sys.argv[2:]}')  # never closed: must be flushed anyway\n"
+        "atexit.register(print, 'atexit ran', flush=True)\n"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distrib._cli.worker",
+            str(tmp_path / "job.py"),
+            str(tmp_path / "log.txt"),
+            "-x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "atexit ran" in out.stdout
+    assert (tmp_path / "log.txt").read_text() == "__main__ imported from the script dir ['-x']"
+
+
+def test_worker_bootstrap_keeps_the_exit_code_and_traceback_of_a_failure(tmp_path: Path):
+    (tmp_path / "bad.py").write_text(
+        "import sys\nif len(sys.argv) > 1:\n    sys.exit(3)\nraise KeyError('nope')\n"
+    )
+    worker = [sys.executable, "-m", "distrib._cli.worker", str(tmp_path / "bad.py")]
+    raised = subprocess.run(worker, capture_output=True, text=True, timeout=60, check=False)
+    assert raised.returncode == 1 and "KeyError: 'nope'" in raised.stderr
+    exited = subprocess.run([*worker, "exit"], capture_output=True, text=True, timeout=60, check=False)
+    assert exited.returncode == 3
+
+
+def test_sanity_report_names_the_rank_and_check_that_failed(capsys: pytest.CaptureFixture[str]):
+    from types import SimpleNamespace
+
+    from distrib._cli import sanity
+
+    ctx = SimpleNamespace(
+        world_size=2,
+        num_nodes=1,
+        strategy="ddp",
+        device=SimpleNamespace(type="cpu"),
+        mixed_precision="no",
+        rank=0,
+    )
+    ok = sanity.report(
+        ctx,
+        [
+            [("collectives", None), ("mixed precision", None)],
+            [("collectives", "gather gave [0, 0]"), ("mixed precision", None)],
+        ],
+    )
+    out = capsys.readouterr().out
+    assert ok is False
+    assert "[FAIL] collectives - rank 1: gather gave [0, 0]" in out and "[PASS] mixed precision" in out
+    assert "Some checks FAILED." in out
