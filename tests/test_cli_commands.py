@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -356,3 +357,36 @@ def test_sanity_report_names_the_rank_and_check_that_failed(capsys: pytest.Captu
     assert ok is False
     assert "[FAIL] collectives - rank 1: gather gave [0, 0]" in out and "[PASS] mixed precision" in out
     assert "Some checks FAILED." in out
+
+
+def test_xla_plans_run_through_torch_xla_launch(monkeypatch: pytest.MonkeyPatch):
+    import types
+
+    from distrib._cli import executor
+    from distrib._cli.plan import Target, build_plan
+    from distrib.errors import MissingExtraError
+
+    plan = build_plan(
+        {"strategy": "xla", "num_processes": 1},
+        target=Target("t.py", "script", ("-a",)),
+        machine=MachineFacts(cpu_count=4, gpu_count=0),
+    )
+    calls = []
+
+    def launch(fn, args=(), start_method="spawn", debug_single_process=False):
+        calls.append((fn, args, debug_single_process, os.environ.get("DISTRIB_STRATEGY")))
+
+    monkeypatch.setitem(sys.modules, "torch_xla", types.SimpleNamespace(launch=launch))
+    executor.run_xla(plan)
+    assert calls == [(executor._xla_worker, ("t.py", ("-a",), False), True, "xla")]
+    assert "DISTRIB_STRATEGY" not in os.environ
+
+    def failing(fn, args=(), start_method="spawn", debug_single_process=False):
+        raise RuntimeError("process 0 terminated with exit code 1")
+
+    monkeypatch.setitem(sys.modules, "torch_xla", types.SimpleNamespace(launch=failing))
+    with pytest.raises(executor.WorkersFailed, match=r"an XLA worker on machine 0 .*\n.*exit code 1"):
+        executor.run_xla(plan)
+    monkeypatch.setitem(sys.modules, "torch_xla", None)  # not installed
+    with pytest.raises(MissingExtraError, match=r"pip install 'distrib\[xla\]'"):
+        executor.run_xla(plan)

@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -182,11 +183,17 @@ def run_xla(plan: LaunchPlan) -> None:
     except ImportError:
         raise missing_extra("torch_xla", "xla", "strategy 'xla'") from None
     with worker_environment(plan.env):
-        torch_xla.launch(
-            _xla_worker,
-            args=(plan.target.name, plan.target.args, plan.target.kind == "module"),
-            debug_single_process=plan.processes_per_machine == 1,
-        )
+        try:
+            torch_xla.launch(
+                _xla_worker,
+                args=(plan.target.name, plan.target.args, plan.target.kind == "module"),
+                debug_single_process=plan.processes_per_machine == 1,
+            )
+        except Exception as exc:  # xmp.spawn re-raises a child's exception with its traceback as text
+            report = (
+                f"distrib: an XLA worker on machine {plan.machine_rank} ({socket.gethostname()}) failed:\n"
+            )
+            raise WorkersFailed(report + "".join(traceback.format_exception_only(exc)).rstrip(), 1) from None
 
 
 def _xla_worker(index: int, target: str, args: tuple[str, ...], is_module: bool) -> None:
