@@ -51,22 +51,21 @@ def notebook_launcher(
 
         notebook_launcher(train, args=(3e-4,), num_processes=2, mixed_precision="bf16")
     """
+    optional = {
+        "num_processes": num_processes,
+        "main_process_ip": main_process_ip,
+        "main_process_port": main_process_port,
+    }
     values: dict[str, Any] = {
         "num_machines": num_machines,
         "machine_rank": machine_rank,
         "rdzv_backend": rdzv_backend,
         "max_restarts": max_restarts,
         "monitor_interval": monitor_interval,
+        **({"cpu": True} if cpu else {}),
+        **{k: v for k, v in optional.items() if v is not None},
         **settings,
     }
-    if cpu:
-        values["cpu"] = True
-    if num_processes is not None:
-        values["num_processes"] = num_processes
-    if main_process_ip is not None:
-        values["main_process_ip"] = main_process_ip
-    if main_process_port is not None:
-        values["main_process_port"] = main_process_port
     values = config_file.validate_flat(_flatten_options(values), "notebook_launcher()")
     facts = machine.detect(need_gpus=not cpu)
     name = getattr(fn, "__qualname__", repr(fn))
