@@ -144,6 +144,15 @@ def test_a_disk_offloaded_model_gives_bit_identical_outputs(checkpoints, referen
     assert model.head.weight is model.embed.weight
 
 
+def test_a_tensor_entry_on_disk_is_loaded_by_the_module_that_holds_it(checkpoints, reference, tmp_path):
+    device_map = {**DISK_MAP, "scale": "disk"}  # a buffer of the model itself, not of a child
+    model = load_checkpoint_and_dispatch(
+        empty_net(), checkpoints["bin"], device_map=device_map, offload_folder=tmp_path
+    )
+    assert model.scale.is_meta
+    assert torch.equal(run(model, reference[1]), reference[2])
+
+
 def test_auto_device_map_with_a_small_budget_offloads_to_disk(checkpoints, reference, tmp_path):
     model = load_checkpoint_and_dispatch(
         empty_net(),

@@ -40,6 +40,7 @@ class _Planner:
     early: dict[str, int] = field(default_factory=dict)  # tied partners placed ahead of model order
     placed_total: int = 0
     index: int = 0
+    budget: str = ""  # max_memory as the user gave it, for error messages
 
     def splittable(self, module: nn.Module | None) -> bool:
         if module is None or not module._modules:
@@ -122,13 +123,15 @@ class _Planner:
 
 def _not_enough_memory(planner: _Planner) -> DeviceMapError:
     total = planner.sizes[""]
-    budget = ", ".join(f"{s.device!r}: {format_size(s.capacity or 0)}" for s in planner.slots)
+    budget = planner.budget or ", ".join(
+        f"{s.device!r}: {format_size(s.capacity or 0)}" for s in planner.slots
+    )
     missing = total - planner.placed_total
     return DeviceMapError(
-        f"the model needs {format_size(total)} but max_memory ({budget}) has room for only "
-        f"{format_size(planner.placed_total)} of it, in whole layers: at least {format_size(missing)} more "
-        "is needed. Raise max_memory, or allow 'disk' (offload_folder=... in load_checkpoint_and_dispatch, "
-        "or a larger max_memory['disk'])"
+        f"the model needs {format_size(total)} but max_memory ({budget}) holds only "
+        f"{format_size(planner.placed_total)} of it (in whole layers, keeping room on the main device for "
+        f"the largest one): at least {format_size(missing)} more is needed. Raise max_memory, or allow "
+        "'disk' (offload_folder=... in load_checkpoint_and_dispatch, or a larger max_memory['disk'])"
     )
 
 
@@ -233,7 +236,8 @@ def infer_auto_device_map(
 
     def plan(reserve: int) -> DeviceMap:
         slots = _slots(memory, strategy, sizes[""], reserve)
-        return _Planner(model, sizes, (names, classes), tied, slots).run()
+        budget = ", ".join(f"{device!r}: {format_size(size)}" for device, size in memory.items())
+        return _Planner(model, sizes, (names, classes), tied, slots, budget=budget).run()
 
     device_map = plan(reserve=0)
     if _offloads(device_map, memory):

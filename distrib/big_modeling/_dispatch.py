@@ -205,7 +205,9 @@ def _install(
     hooks: dict[nn.Module, _ModuleHooks] = {}
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, device in device_map.items():
-        module = modules.get(name) or modules[name.rpartition(".")[0]]  # a tensor entry: its module
+        module = modules.get(name)
+        if module is None:  # a tensor entry: hook the module that holds it
+            module = modules[name.rpartition(".")[0]]
         hooks.setdefault(module, _ModuleHooks()).execution_device = _runs_on(device, main)
     for module, items in offloaded.items():
         state = hooks.setdefault(module, _ModuleHooks())
