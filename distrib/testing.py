@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -42,12 +43,13 @@ def _worker(
     timeout: float,
 ) -> None:
     import faulthandler
+    import signal
     import sys
 
     os.environ.update(environ)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
-    # dump every thread's stack shortly before the parent gives up on us
-    faulthandler.dump_traceback_later(max(1.0, timeout - 2.0), exit=True, file=sys.stderr)
+    # the parent sends SIGUSR1 before it gives up on a hung rank: print every thread's stack
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     try:
         value = fn(*args, **kwargs)
     except BaseException:
@@ -120,9 +122,13 @@ def _collect(procs: list[Any], results: Any, timeout: float) -> dict[int, tuple[
             break  # the others are most likely blocked in a collective with the failed rank
     for p in procs:
         p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
-        if p.is_alive():
-            p.terminate()
-            p.join(5)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        os.kill(p.pid, signal.SIGUSR1)  # each hung rank prints its stacks to stderr
+    time.sleep(1.0 if hung else 0.0)
+    for p in hung:
+        p.terminate()
+        p.join(5)
     return reports
 
 
@@ -135,7 +141,7 @@ def _describe(procs: list[Any], reports: dict[int, tuple[bool, Any]], timeout: f
             lines.append(f"rank {rank}: raised\n{reports[rank][1]}")
         else:
             lines.append(
-                f"rank {rank}: no result (exit code {p.exitcode}; hung or crashed within {timeout:.0f} s; "
-                "its stack, if it hung, is in the captured stderr)"
+                f"rank {rank}: no result (exit code {p.exitcode}; crashed, or hung and stopped after "
+                f"{timeout:.0f} s: its stacks are in the captured stderr above)"
             )
     return "\n".join(lines)

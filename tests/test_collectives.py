@@ -144,3 +144,21 @@ def _failing_worker() -> None:
 def test_run_ranks_reports_the_failing_rank():
     with pytest.raises(RanksFailed, match=r"(?s)rank 1: raised.*ValueError: rank one broke"):
         run_ranks(_failing_worker, 2, timeout=60)
+
+
+def _hanging_worker() -> None:
+    from distrib import distributed, wait_for_everyone
+
+    with distributed(timeout=600):
+        if int(os.environ["RANK"]) == 0:
+            wait_for_everyone()  # rank 1 never joins: rank 0 would wait for the whole timeout
+        else:
+            time.sleep(600)
+
+
+def test_a_hang_fails_fast_with_the_stacks_of_hung_ranks(capfd):
+    start = time.monotonic()
+    with pytest.raises(RanksFailed, match=r"(?s)rank 0: no result .*stopped after 20 s.*rank 1: no result"):
+        run_ranks(_hanging_worker, 2, timeout=20)
+    assert time.monotonic() - start < 45
+    assert "_hanging_worker" in capfd.readouterr().err, "the hung rank printed where it was stuck"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -170,3 +172,43 @@ def test_clipping_and_skipped_step_flag():
         assert all(p.grad.abs().max() <= 0.01 for p in model.parameters())
         optimizer.step()
         assert optimizer_step_was_skipped() is False
+
+
+def _sync_control_worker() -> dict:
+    import distrib
+    from distrib import backward, clip_grad_norm_, distributed, local_main_process_first, no_sync, prepare
+
+    with distributed(split_batches=True):
+        model = _model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = DataLoader(_data(), batch_size=GLOBAL_BATCH)
+        model, optimizer, loader = prepare(model, optimizer, loader)
+        x, y = next(iter(loader))
+        with no_sync(model):
+            backward(torch.nn.functional.mse_loss(model(x), y))
+        local = torch.cat([p.grad.flatten() for p in model.parameters()])
+        optimizer.zero_grad()
+        backward(torch.nn.functional.mse_loss(model(x), y))
+        norm = clip_grad_norm_(model.parameters(), max_norm=1e-3)
+        synced = torch.cat([p.grad.flatten() for p in model.parameters()])
+        with local_main_process_first():  # no collective inside: the others wait at the door
+            entered = time.monotonic()
+        order = distrib.gather(torch.tensor([entered])).argsort()
+        return {"local": local, "synced": synced, "norm": float(norm),
+                "inner_is_plain": type(distrib.unwrap_model(model)) is torch.nn.Sequential,
+                "first": int(order[0])}  # fmt: skip
+
+
+def test_no_sync_clipping_and_unwrap_on_four_processes():
+    results = run_ranks(_sync_control_worker, 4, timeout=120)
+    # the reference: one process computing the full global batch's gradient norm
+    model = _model()
+    x, y = _data()[:GLOBAL_BATCH]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    full_norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    assert not torch.allclose(results[0]["local"], results[1]["local"]), "no_sync keeps gradients local"
+    for out in results:
+        torch.testing.assert_close(out["synced"], results[0]["synced"])
+        assert out["norm"] == pytest.approx(full_norm, rel=1e-5), "the norm is over the synchronised gradient"
+        assert out["synced"].norm().item() == pytest.approx(1e-3, rel=1e-3)
+        assert out["inner_is_plain"] and out["first"] == 0, "the local main process enters first"
