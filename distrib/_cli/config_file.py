@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_origin
 
-import yaml
-
 from .. import _environment, _validation
 from .._settings import settings_field_types
 from ..errors import SettingsError
@@ -111,6 +109,8 @@ def load(path: Path, *, origin: str = "--config-file") -> ConfigFile:
 
 def parse_yaml(text: str, source: str) -> Any:
     """`yaml.safe_load`, with syntax errors reported with their line and column."""
+    import yaml  # here, not at the top: `distrib --help` never needs it
+
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
@@ -234,12 +234,14 @@ def to_yaml(values: Mapping[str, Any], env: Mapping[str, str] | None = None) -> 
             doc[key] = value
     if env:
         doc["env"] = dict(env)
+    import yaml
+
     return yaml.safe_dump(doc, sort_keys=False)
 
 
 def write(path: Path, values: Mapping[str, Any], env: Mapping[str, str] | None = None) -> None:
     """Validate and write a config file, creating its directory."""
     text = to_yaml(values, env)
-    validate(yaml.safe_load(text), str(path))
+    validate(parse_yaml(text, str(path)), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
