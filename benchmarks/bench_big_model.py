@@ -281,6 +281,27 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _measure_all(
+    variants: list[str], num_blocks: int, shard_mb: int, fraction: float, repeats: int
+) -> dict[str, Any]:
+    """Write the checkpoint, then run every variant `repeats` times, alternating, each in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        checkpoint = work / "checkpoint"
+        checkpoint.mkdir()
+        write_checkpoint(checkpoint, num_blocks, shard_mb)
+        model_mb = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) / MB
+        budget = int(model_mb * MB * fraction)
+        runs = []
+        for repeat in range(repeats):
+            shift = repeat % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
+                print(f"[big_model] repeat {repeat + 1}/{repeats}: {variant}", file=sys.stderr, flush=True)
+                runs.append({"repeat": repeat, **_run_child(variant, checkpoint, num_blocks, budget, work)})
+    config = {"model_mb": round(model_mb), "blocks": num_blocks, "shard_mb": shard_mb}
+    return {"config": {**config, "offload_budget_mb": round(budget / MB), "repeats": repeats}, "runs": runs}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     if args.child:
@@ -291,46 +312,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # a checkpoint whose map sends everything to disk: it passes "disk" to safetensors as a device)
     size_mb, repeats = (136, 1) if args.quick else (args.size_mb, args.repeats)
     fraction = 0.6 if args.quick else args.budget_fraction
-    num_blocks = num_blocks_for(size_mb)
     variants = ["safetensors", "distrib", "distrib offload"]
     if not args.no_accelerate and importlib.util.find_spec("accelerate") is not None:
         variants += ["accelerate", "accelerate offload"]
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        checkpoint = work / "checkpoint"
-        checkpoint.mkdir()
-        write_checkpoint(checkpoint, num_blocks, args.shard_mb)
-        model_mb = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) / MB
-        budget = int(model_mb * MB * fraction)
-        runs = []
-        for repeat in range(repeats):
-            shift = repeat % len(variants)
-            for variant in variants[shift:] + variants[:shift]:
-                print(f"[big_model] repeat {repeat + 1}/{repeats}: {variant}", file=sys.stderr, flush=True)
-                runs.append({"repeat": repeat, **_run_child(variant, checkpoint, num_blocks, budget, work)})
-    rows = _summary(runs, variants)
+    measured = _measure_all(variants, num_blocks_for(size_mb), args.shard_mb, fraction, repeats)
+    rows = _summary(measured["runs"], variants)
     print(_markdown(rows))
+    config = measured["config"]
     result = {
         "benchmark": "big_model",
         "title": "Big-model loading: load, first forward, peak RSS",
         "quick": bool(args.quick),
         "machine": _machine(),
-        "config": {
-            "model_mb": round(model_mb),
-            "blocks": num_blocks,
-            "shard_mb": args.shard_mb,
-            "offload_budget_mb": round(budget / MB),
-            "repeats": repeats,
-        },
+        "config": config,
         "rows": rows,
         "notes": [
-            f"{round(model_mb)} MB fp32 model in {args.shard_mb} MB shards; offload variants get "
-            f"max_memory cpu = {round(budget / MB)} MB and put the rest on disk.",
+            f"{config['model_mb']} MB fp32 model in {config['shard_mb']} MB shards; offload variants get "
+            f"max_memory cpu = {config['offload_budget_mb']} MB and put the rest on disk.",
             "Cells: median (min-max) over fresh processes; variants alternate, the order rotating each repeat.",
             "Peak RSS: growth of the process's high-water mark over its state just before loading.",
             "Checkpoint files are in the page cache; offload folders are written anew by every run.",
         ],
-        "runs": runs,
+        "runs": measured["runs"],
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -418,3 +418,18 @@ def test_gpu_cpu_offload_streams_weights(reference):
     assert out.device.type == "cuda"
     assert torch.cuda.memory_allocated(0) - before < 64 * 1024  # only the output stays
     torch.testing.assert_close(out.cpu(), reference[2], rtol=1e-4, atol=1e-5)
+
+
+# --- the example --------------------------------------------------------------------------------------
+
+
+def test_the_example_runs_with_layers_on_disk_and_agrees_with_the_plain_model():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "examples" / "big_model_inference.py"), "--size-mb", "64"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "'disk'" in result.stdout and "'cpu'" in result.stdout
+    assert "predictions agree: True; logits bit-identical: True" in result.stdout
