@@ -1,0 +1,271 @@
+"""Run every benchmark, collect their JSON and write docs/benchmarks.md.
+
+    python benchmarks/run_all.py                        # everything; rewrites docs/benchmarks.md
+    python benchmarks/run_all.py --quick --only gather  # a smoke run into a temporary folder
+    nox -s benchmarks                                   # the same as the first line, in its own venv
+
+Each benchmark is a script `benchmarks/bench_<name>.py` with `main()` and `--json PATH`; one that is not
+there (yet) is listed as skipped. A `--quick` run writes its report next to the JSON files, never over
+docs/benchmarks.md, unless `--markdown` says where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# name -> script; the first three share _common's method and options
+BENCHMARKS = {
+    "step": "bench_step.py",
+    "dataloader": "bench_dataloader.py",
+    "gather": "bench_gather.py",
+    "launch": "bench_launch.py",
+    "checkpoint": "bench_checkpoint.py",
+    "big_model": "bench_big_model.py",
+    "memory": "bench_memory.py",
+}
+OWN = ("step", "dataloader", "gather")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short smoke runs (figures not meaningful)")
+    p.add_argument("--only", action="append", choices=list(BENCHMARKS), help="run only these (repeatable)")
+    p.add_argument("--out-dir", type=Path, help="where the JSON results go (default: a temporary folder)")
+    p.add_argument(
+        "--markdown", type=Path, help="report path (default: docs/benchmarks.md; --quick: out-dir)"
+    )
+    p.add_argument("--launches", type=int, help="fresh launches per case for step/dataloader/gather")
+    p.add_argument("--no-accelerate", action="store_true", help="leave the Accelerate comparison out")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed for each benchmark")
+    return p.parse_args(argv)
+
+
+def command(name: str, script: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, str(script), "--json", str(out)]
+    # the other benchmarks are owned elsewhere: pass --quick only to those that take it
+    if args.quick and (name in OWN or "--quick" in script.read_text()):
+        cmd.append("--quick")
+    if name in OWN and args.launches:
+        cmd += ["--launches", str(args.launches)]
+    if name in OWN and args.no_accelerate:
+        cmd.append("--no-accelerate")
+    return cmd
+
+
+def run_one(name: str, out_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one benchmark script; its JSON, or a record of why there is none."""
+    script = HERE / BENCHMARKS[name]
+    if not script.exists():
+        return {"benchmark": name, "skipped": f"benchmarks/{script.name} does not exist yet"}
+    out = out_dir / f"{name}.json"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    start = time.monotonic()
+    print(f"== {name}: {' '.join(command(name, script, out, args))}", flush=True)
+    try:
+        proc = subprocess.run(
+            command(name, script, out, args), cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=args.timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"benchmark": name, "failed": f"timed out after {args.timeout:.0f} s"}
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stdout[-1500:] + "\n" + proc.stderr[-3000:]).strip()
+        print(tail, file=sys.stderr)
+        return {"benchmark": name, "failed": f"exit code {proc.returncode}", "log_tail": tail}
+    result = dict(json.loads(out.read_text()))
+    result.setdefault("benchmark", name)
+    result["wall_seconds"] = round(time.monotonic() - start, 1)
+    print(f"   done in {result['wall_seconds']} s", flush=True)
+    return result
+
+
+# -- the report ------------------------------------------------------------------------------------
+METHOD = """\
+Every overhead benchmark (step, dataloader, gather) runs on 2 worker processes over gloo, started by
+`python -m torch.distributed.run`, one thread each (`OMP_NUM_THREADS=1`) and fixed glibc malloc thresholds
+(`MALLOC_MMAP_THRESHOLD_=16 MiB`, `MALLOC_TRIM_THRESHOLD_=128 MiB`). Inside one launch the variants are
+built once and then run in alternating rounds (one round of each, the order rotating every round) after an
+uncounted warm-up round; each round starts after a barrier and is timed inside the process on rank 0.
+A variant's ratio is the median over all rounds of all launches of *its round time / the raw variant's
+round time in the same round*; the spread shown is the 25th-75th percentile of those paired ratios, and
+the range of the per-launch medians. Times are medians in microseconds. Several fresh launches per case
+catch what differs between launches (identical launches vary by 10-30% on these machines)."""
+
+# what the figures do not say by themselves; kept next to the code that produces them
+NOTES: dict[str, list[str]] = {
+    "step": [],
+    "dataloader": [],
+    "gather": [],
+}
+
+
+def _fmt_ratio(entry: dict[str, Any]) -> str:
+    return f"{entry['ratio']:.3f}" if "ratio" in entry else "-"
+
+
+def _fmt_spread(entry: dict[str, Any]) -> str:
+    if "ratio_p25" not in entry:
+        return "-"
+    launches = ", ".join(f"{r:.3f}" for r in entry.get("launch_ratios", []))
+    return f"{entry['ratio_p25']:.3f}-{entry['ratio_p75']:.3f} (launches: {launches})"
+
+
+def _variant_table(result: dict[str, Any]) -> list[str]:
+    names = list(dict.fromkeys(v for case in result["cases"] for v in case["variants"]))
+    others = [n for n in names if n != "raw"]
+    head = ["case", "raw"]
+    for n in others:
+        head += [n, f"{n} / raw", "spread", f"{n} / raw, CPU time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case in result["cases"]:
+        v, cpu = case["variants"], case.get("cpu", {})
+        row = [case["case"], f"{v['raw']['median']:.0f}" if "raw" in v else "-"]
+        for n in others:
+            e, c = v.get(n), cpu.get(n)
+            row += [f"{e['median']:.0f}", _fmt_ratio(e), _fmt_spread(e)] if e else ["-", "-", "-"]
+            row.append(
+                f"{_fmt_ratio(c)} ({c['ratio_p25']:.3f}-{c['ratio_p75']:.3f})" if c and "ratio" in c else "-"
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _verdicts(result: dict[str, Any]) -> list[str]:
+    goal = result.get("goal") or {}
+    target, limit = goal.get("variant", "distrib"), goal.get("max_ratio")
+    out = []
+    for case in result["cases"]:
+        v, cpu = case["variants"], case.get("cpu", {})
+        mine, acc = v.get(target), v.get("accelerate")
+        if not mine or "ratio" not in mine or limit is None:
+            continue
+        extra = (mine["ratio"] - 1) * v["raw"]["median"]
+        text = f"`{case['case']}`: {target}/raw {mine['ratio']:.3f}, {extra:+.0f} µs"
+        text += " (meets" if mine["ratio"] <= limit else " (misses"
+        text += f" the goal <= {limit}"
+        if mine["ratio_p25"] <= limit <= mine["ratio_p75"]:
+            text += "; the goal lies inside the spread, so this is not conclusive at this noise level"
+        text += ")"
+        if target in cpu and "ratio" in cpu[target]:
+            text += f"; CPU time {cpu[target]['ratio']:.3f}"
+        if acc and "ratio" in acc:
+            text += f"; Accelerate/raw {acc['ratio']:.3f}"
+        out.append(f"- {text}.")
+    return out
+
+
+def _generic(result: dict[str, Any]) -> list[str]:
+    """A benchmark with its own JSON layout: its rows as a table, else its fields."""
+    rows = result.get("rows")
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+        return lines
+    skip = {"benchmark", "machine", "title", "quick", "notes", "wall_seconds"}
+    data = {k: v for k, v in result.items() if k not in skip}
+    return ["```json", json.dumps(data, indent=2), "```"]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _section(result: dict[str, Any]) -> list[str]:
+    name = result["benchmark"]
+    lines = [f"## {result.get('title', name)} (`{name}`)", ""]
+    if "skipped" in result or "failed" in result:
+        why = result.get("skipped") or f"failed: {result['failed']}"
+        return [*lines, f"Not measured: {why}.", ""]
+    if result.get("unit"):
+        lines += [f"Times in {result['unit']} (medians).", ""]
+    if result.get("goal"):
+        goal = result["goal"]
+        lines += [f"Goal: {goal.get('variant', 'distrib')}/raw <= {goal['max_ratio']}.", ""]
+    has_cases = isinstance(result.get("cases"), list) and all("variants" in c for c in result["cases"])
+    lines += _variant_table(result) if has_cases else _generic(result)
+    described = [f"- `{c['case']}`: {c['describe']}" for c in result.get("cases", []) if c.get("describe")]
+    if described:
+        lines += ["", "Cases:", "", *described]
+    notes = (_verdicts(result) if has_cases else []) + [f"- {n}" for n in NOTES.get(name, [])]
+    notes += [f"- {n}" for n in result.get("notes", []) if isinstance(n, str)]
+    if notes:
+        lines += ["", "Interpretation:", "", *notes]
+    return [*lines, ""]
+
+
+def _summary(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| benchmark | case | distrib / raw (p25-p75) | goal | distrib / raw, CPU time | Accelerate / raw |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        goal = (result.get("goal") or {}).get("max_ratio")
+        for case in result.get("cases", []):
+            v = case.get("variants") if isinstance(case, dict) else None
+            if not v or "ratio" not in v.get("distrib", {}):
+                continue
+            d, a, c = v["distrib"], v.get("accelerate", {}), case.get("cpu", {}).get("distrib", {})
+            mark = "" if goal is None else (" (met)" if d["ratio"] <= goal else " (missed)")
+            lines.append(
+                f"| {result['benchmark']} | {case['case']} | {d['ratio']:.3f} ({d['ratio_p25']:.3f}-"
+                f"{d['ratio_p75']:.3f}){mark} | {goal if goal is not None else '-'} | {_fmt_ratio(c)} | "
+                f"{_fmt_ratio(a)} |"
+            )
+    return lines
+
+
+def _machine(results: list[dict[str, Any]]) -> list[str]:
+    info = next((r["machine"] for r in results if isinstance(r.get("machine"), dict)), None)
+    if info is None:
+        return ["(no benchmark reported its machine)"]
+    return [f"- {k}: {v}" for k, v in info.items()]
+
+
+def render(results: list[dict[str, Any]], quick: bool = False) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python benchmarks/run_all.py` (`nox -s benchmarks`) on "
+        f"{time.strftime('%Y-%m-%d')}; edit the scripts in `benchmarks/`, not this page.",
+        "",
+    ]
+    if quick:
+        lines += ["**This is a `--quick` smoke run: the figures below are not meaningful.**", ""]
+    load = os.getloadavg()
+    lines += ["## Machine", "", *_machine(results), f"- load average when the report was written: "
+              f"{load[0]:.1f} (1 min), {load[2]:.1f} (15 min)", ""]  # fmt: skip
+    lines += ["## Method", "", METHOD, "", "## Summary", "", *_summary(results), ""]
+    for result in results:
+        lines += _section(result)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="distrib-benchmarks-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = args.only or list(BENCHMARKS)
+    results = [run_one(name, out_dir, args) for name in names]
+    (out_dir / "all.json").write_text(json.dumps(results, indent=2) + "\n")
+    markdown = args.markdown or (out_dir / "benchmarks.md" if args.quick else ROOT / "docs" / "benchmarks.md")
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(render(results, quick=args.quick))
+    print(f"results in {out_dir}; report written to {markdown}")
+    return 1 if any("failed" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
