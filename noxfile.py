@@ -35,8 +35,8 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def examples(session: nox.Session) -> None:
-    """Run every example on 2 CPU processes."""
-    session.install(*CONSTRAINTS, "-e", ".[test]")
+    """Run every example on 2 CPU processes (with `datasets`, which only hf_datasets.py needs)."""
+    session.install(*CONSTRAINTS, "-e", ".[test]", "datasets")
     session.run("python", "-m", "pytest", "tests/test_examples.py", *session.posargs)
 
 
