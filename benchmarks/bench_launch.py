@@ -75,9 +75,9 @@ def time_launch(command: list[str], cwd: str, env: dict[str, str], timeout: floa
     return {"first_line_s": first, "exit_s": total}
 
 
-def time_import(module: str) -> float:
-    """Seconds `import module` takes in a fresh interpreter."""
-    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+def time_import(statement: str) -> float:
+    """Seconds an import statement takes in a fresh interpreter."""
+    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
@@ -104,11 +104,15 @@ def run(repeats: int, nproc: int) -> dict[str, Any]:
             commands = list(launch_commands("first_line.py", nproc).items())
             for name, command in commands if i % 2 == 0 else commands[::-1]:
                 launches[name].append(time_launch(command, tmp, env))
-    imports: dict[str, list[float]] = {"import distrib": [], "import torch": []}
+    imports: dict[str, list[float]] = {
+        "import distrib": [],
+        "from distrib import distributed": [],
+        "import torch": [],
+    }
     cli: dict[str, list[float]] = {"distrib --help": [], "python -c pass": []}
     for _ in range(repeats):
-        imports["import distrib"].append(time_import("distrib"))
-        imports["import torch"].append(time_import("torch"))
+        for statement in imports:
+            imports[statement].append(time_import(statement))
         cli["distrib --help"].append(time_command([sys.executable, "-m", "distrib", "--help"]))
         cli["python -c pass"].append(time_command([sys.executable, "-c", "pass"]))
     return {
@@ -145,11 +149,12 @@ def table(results: dict[str, Any]) -> str:
             f"| {label} (distrib launch vs torchrun) | {_cell(d)} | {_cell(t)} | "
             f"{d['median'] / t['median']:.2f} |"
         )
-    d, t = results["import"]["import distrib"], results["import"]["import torch"]
-    lines.append(
-        f"| import (import distrib vs import torch) | {_cell(d)} | {_cell(t)} | "
-        f"{d['median'] / t['median']:.2f} |"
-    )
+    t = results["import"]["import torch"]
+    for statement in ("import distrib", "from distrib import distributed"):
+        d = results["import"][statement]
+        lines.append(
+            f"| `{statement}` vs `import torch` | {_cell(d)} | {_cell(t)} | {d['median'] / t['median']:.2f} |"
+        )
     h, p = results["cli"]["distrib --help"], results["cli"]["python -c pass"]
     lines.append(
         f"| `python -m distrib --help` vs `python -c pass` | {_cell(h)} | {_cell(p)} | "
