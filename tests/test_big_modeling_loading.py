@@ -376,8 +376,9 @@ def test_a_transformers_model_built_from_a_config_runs_offloaded(tmp_path):
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
     assert model.model.rotary_emb.inv_freq.device.type == "cpu"  # computed buffers stay real
-    device_map = infer_auto_device_map(model, {"cpu": 60_000}, model._no_split_modules)
-    assert "disk" in device_map.values()
+    model.tie_weights()
+    device_map = infer_auto_device_map(model, {"cpu": 120_000}, model._no_split_modules)
+    assert set(device_map.values()) == {"cpu", "disk"}
     model = load_checkpoint_and_dispatch(
         model, tmp_path / "ckpt", device_map=device_map, offload_folder=tmp_path / "off"
     )
@@ -392,6 +393,17 @@ def test_a_transformers_model_built_from_a_config_runs_offloaded(tmp_path):
         )
     assert torch.equal(generated, expected)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    with init_empty_weights():
+        planned = transformers.AutoModelForCausalLM.from_config(config).eval()
+    planned = load_checkpoint_and_dispatch(
+        planned, tmp_path / "ckpt", max_memory={"cpu": 120_000}, offload_folder=tmp_path / "o2"
+    )
+    used = planned.__dict__[HOOK_ATTR].device_map
+    assert used["model.layers.0"] == "cpu" and used["model.layers.1"] == "disk"
+    assert not any(".layers.1." in name for name in used)  # _no_split_modules kept decoder layers whole
+    with torch.no_grad():
+        assert torch.equal(planned(ids).logits, reference(ids).logits)
 
 
 # --- GPU ------------------------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ class _ModuleHooks:
     offloaded: list[_Offloaded] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
     depth: int = 0  # re-entrant calls load the weights once
+    device_map: dict[str, Device] | None = None  # on the model itself: the map it was dispatched with
 
     def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.offloaded and self.depth == 0:
@@ -212,7 +213,8 @@ def _install(
     for module, items in offloaded.items():
         state = hooks.setdefault(module, _ModuleHooks())
         state.offloaded, state.execution_device = items, main
-    hooks.setdefault(model, _ModuleHooks()).output_device = main
+    root = hooks.setdefault(model, _ModuleHooks())
+    root.output_device, root.device_map = main, dict(device_map)
     for module, state in hooks.items():
         state.attach(module)
 

@@ -221,8 +221,8 @@ def load_checkpoint_and_dispatch(
 
     ``device_map`` is a dict, ``None`` (load on the CPU, no hooks) or a strategy name for
     `infer_auto_device_map` ("auto", "balanced", "balanced_low_0", "sequential"), which then uses
-    ``max_memory``, ``no_split_module_classes`` and ``dtype``; without ``offload_folder`` nothing goes
-    to disk. Then `load_checkpoint_in_model` streams the weights in and `dispatch_model` installs the
+    ``max_memory``, ``no_split_module_classes`` (default: the model's ``_no_split_modules``, as
+    transformers models declare) and ``dtype``; without ``offload_folder`` nothing goes to disk. Then `load_checkpoint_in_model` streams the weights in and `dispatch_model` installs the
     hooks. Example::
 
         with init_empty_weights():
@@ -237,7 +237,9 @@ def load_checkpoint_and_dispatch(
         if device_map not in STRATEGIES:
             raise DeviceMapError(f"device_map={device_map!r} is not a dict, None, or one of {STRATEGIES}")
         memory = _with_disk(max_memory, offload_folder)
-        device_map = infer_auto_device_map(model, memory, no_split_module_classes, dtype, strategy=device_map)  # type: ignore[arg-type]
+        # transformers models name the blocks that must not be split (their residual adds span children)
+        no_split = no_split_module_classes or getattr(model, "_no_split_modules", None)
+        device_map = infer_auto_device_map(model, memory, no_split, dtype, strategy=device_map)  # type: ignore[arg-type]
     elif max_memory is not None or no_split_module_classes is not None:
         warnings.warn(
             "max_memory and no_split_module_classes only shape an inferred device_map ('auto', ...); "
