@@ -267,6 +267,12 @@ def test_an_incomplete_device_map_names_the_unassigned_modules(checkpoints):
         )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error seen without GPUs")
+def test_loading_onto_a_gpu_that_is_not_there_names_the_fix(checkpoints):
+    with pytest.raises(DeviceMapError, match=r"puts 'blocks' on GPU 0, but this process sees 0 CUDA"):
+        load_checkpoint_in_model(empty_net(), checkpoints["single"], device_map={"": "cpu", "blocks": 0})
+
+
 def test_max_memory_with_an_explicit_map_is_ignored_with_a_warning(checkpoints):
     with pytest.warns(DistribWarning, match="ignored"):
         load_checkpoint_and_dispatch(

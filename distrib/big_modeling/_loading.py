@@ -22,6 +22,7 @@ from ._offload import OffloadFolder
 from ._placement import (
     TensorSlot,
     check_device_map,
+    check_devices_exist,
     group_by_tensor,
     replace_tensor,
     shorten,
@@ -91,7 +92,9 @@ def _mismatch(checkpoint: Checkpoint, report: LoadReport) -> CheckpointError:
 
 def _placements(model: nn.Module, device_map: Mapping[str, object] | None) -> dict[str, Device]:
     if device_map is not None:
-        return tensor_placements(model, check_device_map(model, device_map))
+        normalized = check_device_map(model, device_map)
+        check_devices_exist(normalized)
+        return tensor_placements(model, normalized)
     return {
         slot.name: "cpu" if slot.tensor.is_meta else normalize_device(slot.tensor.device, where=slot.name)
         for slot in tensor_slots(model)
