@@ -9,13 +9,14 @@ import random
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from distrib import Runtime, backward, distributed, prepare
 from distrib.checkpointing import (
@@ -49,21 +50,21 @@ def run(tmp_path: Path) -> Iterator[Runtime]:
         yield ctx
 
 
-def _prepared() -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, object]:  # type: ignore[type-arg]
+def _prepared() -> tuple[Any, Any, Any, Any]:
+    """A prepared tied model, Adam, a shuffled loader and a scheduler (Any: prepared wrappers)."""
     model = TiedNet()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9)
-    loader = DataLoader(torch.arange(40) % 10, batch_size=4, shuffle=True)
+    loader = DataLoader(TensorDataset(torch.arange(40) % 10), batch_size=4, shuffle=True)
     return prepare(model, optimizer, loader, scheduler)  # type: ignore[no-any-return]
 
 
-def _steps(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, batches: Iterator, n: int
-) -> None:
+def _steps(model: Any, optimizer: Any, scheduler: Any, batches: Iterator[Any], n: int) -> None:
     for _ in range(n):
-        backward(model(next(batches)).pow(2).mean())
+        (tokens,) = next(batches)
+        backward(model(tokens).pow(2).mean())
         optimizer.step()
-        scheduler.step()  # type: ignore[attr-defined]
+        scheduler.step()
         optimizer.zero_grad()
 
 

@@ -34,7 +34,9 @@ def _flip_last_byte(path: Path) -> None:
 def test_a_flipped_byte_fails_the_checksum(saved: tuple[Runtime, nn.Module, Path]) -> None:
     _, _, path = saved
     _flip_last_byte(path / "model_0.safetensors")
-    with pytest.raises(CheckpointCorruptError, match=r"model_0\.safetensors does not match its crc32 checksum"):
+    with pytest.raises(
+        CheckpointCorruptError, match=r"model_0\.safetensors does not match its crc32 checksum"
+    ):
         load_state(path)
 
 
