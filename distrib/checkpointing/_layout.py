@@ -68,12 +68,17 @@ def new_checkpoint_path(root: Path, step: int) -> Path:
     return path
 
 
-def discard(path: Path) -> None:
-    """Delete a directory safely: rename it to a hidden trash name first, then remove it."""
+def move_to_trash(path: Path) -> Path:
+    """Rename a directory to a hidden trash name (atomic; it no longer looks like a checkpoint)."""
     trash = temp_sibling(path, TRASH_PREFIX)
     os.replace(path, trash)
     fsync_dir(path.parent)
-    shutil.rmtree(trash, ignore_errors=True)
+    return trash
+
+
+def discard(path: Path) -> None:
+    """Delete a directory safely: rename it to a hidden trash name first, then remove it."""
+    shutil.rmtree(move_to_trash(path), ignore_errors=True)
 
 
 def rotate(root: Path, total_limit: int, keep: Path) -> list[Path]:

@@ -132,10 +132,13 @@ def _publish(runtime: Runtime, plan: _Plan) -> None:
     """On rank 0: rename the finished temporary directory into place, then rotate old checkpoints."""
     if runtime.rank != 0:
         return
-    if plan.final.exists():  # an explicit path that held an earlier checkpoint (checked in _plan)
-        _layout.discard(plan.final)
+    # an explicit path that held an earlier checkpoint (checked in _plan) is moved aside, not deleted,
+    # until the new one is in place
+    old = _layout.move_to_trash(plan.final) if plan.final.exists() else None
     os.replace(plan.temp, plan.final)
     fsync_dir(plan.final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     limit = runtime.settings.total_limit
     if plan.rotate_root is not None and limit is not None:
         _layout.rotate(plan.rotate_root, limit, keep=plan.final)
