@@ -10,6 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import _validation
+from .errors import SettingsError
+
 FSDPSharding = Literal["full", "grad_op", "hybrid", "no_shard"]
 ZeroStage = Literal[0, 1, 2, 3]
 
@@ -33,19 +36,33 @@ class DDPOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class FSDPOptions:
-    """Options of the FSDP2 (`fully_shard`) strategy.
+    """Options of the FSDP2 (`torch.distributed.fsdp.fully_shard`) strategy.
 
-    `sharding`: "full" (parameters, gradients and optimizer state sharded; parameters re-sharded after
-    forward), "grad_op" (like full, but parameters stay gathered between forward and backward),
-    "hybrid" (full sharding inside a group of `hybrid_shard_size` ranks, replication across groups),
-    "no_shard" (replicate everything, like DDP).
+    `sharding`:
 
-    Which submodules become FSDP units: `wrap_classes` (class names), else `min_num_params` (a size
-    threshold), else `auto_wrap_policy` (a callable `module -> bool`), else transformer-style blocks found by
-    name. Example::
+    * "full": parameters, gradients and optimizer state sharded; parameters re-sharded after forward;
+    * "grad_op": like "full", but parameters stay gathered between forward and backward
+      (`reshard_after_forward=False`: more memory, one all-gather less per unit);
+    * "hybrid": full sharding inside groups of `hybrid_shard_size` ranks (default: the ranks of one
+      machine), replication across the groups (a 2-D replicate x shard device mesh);
+    * "no_shard": replicate everything, like DDP (a world x 1 mesh).
+
+    Which submodules become FSDP units (each one all-gathers its parameters as a whole), first match wins:
+    `wrap_classes` (class names; an error lists the names present when one matches nothing),
+    `min_num_params` (any submodule holding at least that many parameters not already in a unit),
+    `auto_wrap_policy` (a callable `module -> bool`), else the transformer-style blocks found with no
+    configuration: children of an `nn.ModuleList` whose class name ends in "Block" or "Layer". The root
+    module is always a unit too.
+
+    `reduce_dtype` is the dtype gradients are reduced in under `mixed_precision="bf16"` (default "fp32";
+    parameters are computed in bf16). `cpu_offload` keeps sharded parameters, gradients and optimizer
+    state on the CPU. `activation_checkpointing` recomputes each unit's activations in backward.
+    `compile` runs `torch.compile` on each unit after sharding (the root too when there are no units).
+    Example::
 
         with distributed(strategy="fsdp", fsdp=FSDPOptions(sharding="grad_op", cpu_offload=True)):
             ...
+        # or, as a dict / launcher flag: fsdp={"sharding": "hybrid", "hybrid_shard_size": 8}
     """
 
     sharding: FSDPSharding = "full"
@@ -58,16 +75,49 @@ class FSDPOptions:
     compile: bool = False
     reduce_dtype: Literal["fp32", "bf16", "fp16"] | None = None
 
+    def __post_init__(self) -> None:
+        _validation.validate_fields(self)
+        policies = [
+            name
+            for name in ("wrap_classes", "min_num_params", "auto_wrap_policy")
+            if getattr(self, name) is not None
+        ]
+        if len(policies) > 1:
+            raise SettingsError(
+                f"FSDPOptions got {' and '.join(policies)}; give only one way of choosing the FSDP units."
+            )
+        if self.wrap_classes is not None and not self.wrap_classes:
+            raise SettingsError("FSDPOptions.wrap_classes=() names no class; give class names or None.")
+        for name in ("min_num_params", "hybrid_shard_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SettingsError(f"FSDPOptions.{name}={value} must be >= 1 (or None).")
+        if self.hybrid_shard_size is not None and self.sharding != "hybrid":
+            raise SettingsError(
+                f"FSDPOptions.hybrid_shard_size={self.hybrid_shard_size} only applies to "
+                f"sharding='hybrid', but sharding={self.sharding!r}; set sharding='hybrid' or drop it."
+            )
+
 
 @dataclass(frozen=True, kw_only=True)
 class DeepSpeedOptions:
-    """Options of the DeepSpeed strategy.
+    """Options of the DeepSpeed strategy (needs `pip install 'distrib[deepspeed]'`).
 
-    `config` is a DeepSpeed config dict or the path of a JSON file; when it is None, one is built from the
-    common knobs below. Values left as "auto" in a config are filled from distrib's own settings. Example::
+    `config` is a DeepSpeed config dict or the path of a JSON file. Without one, a config is built from
+    the common knobs below; with one, the knobs that are set must agree with it. Values "auto" in the
+    config (and keys left out) are filled from distrib's settings and the first prepared dataloader:
+    `train_micro_batch_size_per_gpu` (the loader's per-process batch size), `gradient_accumulation_steps`,
+    `train_batch_size` (micro x accumulation x processes), `bf16`/`fp16` (from `mixed_precision`) and
+    `gradient_clipping`. A value in the config that contradicts a distrib setting is a `SettingsError`
+    naming both.
+
+    `offload_optimizer` / `offload_params` move optimizer state / parameters (ZeRO-3) to the CPU.
+    `save_16bit_model`: `save_model` gathers the weights in the training dtype (True) or the fp32 master
+    weights (False). Example::
 
         with distributed(strategy="deepspeed", deepspeed=DeepSpeedOptions(zero_stage=3)):
             ...
+        # or: deepspeed=DeepSpeedOptions(config="ds_config.json")
     """
 
     config: dict[str, Any] | str | None = None
@@ -77,13 +127,33 @@ class DeepSpeedOptions:
     gradient_clipping: float | None = None
     save_16bit_model: bool = True
 
+    def __post_init__(self) -> None:
+        _validation.validate_fields(self)
+        if self.gradient_clipping is not None and self.gradient_clipping < 0:
+            raise SettingsError(
+                f"DeepSpeedOptions.gradient_clipping={self.gradient_clipping} must be >= 0 (0 disables it)."
+            )
+
 
 @dataclass(frozen=True, kw_only=True)
 class XLAOptions:
-    """Options of the torch_xla strategy (TPUs and other XLA devices). Example::
+    """Options of the torch_xla strategy (TPUs and other XLA devices; `pip install 'distrib[xla]'`).
 
-    with distributed(strategy="xla", xla=XLAOptions(sync_every_step=True)):
-        ...
+    `sync_every_step`: cut the lazy graph (`torch_xla.sync()` / `xm.mark_step()`) after every optimizer
+    step. Turn it off only when something else cuts it (the prepared dataloader also does, once per
+    batch). `loader_prefetch_size` / `device_prefetch_size` are passed to `MpDeviceLoader`, which uploads
+    batches to the device in the background. Example::
+
+        with distributed(strategy="xla", xla=XLAOptions(sync_every_step=True)):
+            ...
     """
 
     sync_every_step: bool = True
+    loader_prefetch_size: int = 8
+    device_prefetch_size: int = 4
+
+    def __post_init__(self) -> None:
+        _validation.validate_fields(self)
+        for name in ("loader_prefetch_size", "device_prefetch_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"XLAOptions.{name}={getattr(self, name)} must be >= 1.")

@@ -67,12 +67,15 @@ def prepare(*objects: Any) -> Any:
         raise PrepareError("prepare() needs at least one object: prepare(model, optimizer, dataloader, ...).")
     kinds = [_kind(obj) for obj in objects]
     result = list(objects)
-    _prepare_training_objects(runtime, objects, kinds, result)
+    # dataloaders first: a strategy may read their batch size when it builds the model (DeepSpeed "auto")
     loaders = [i for i, k in enumerate(kinds) if k == "dataloader"]
     seed = _shared_seed(runtime) if loaders else 0
+    wrap = getattr(runtime.strategy_module, "wrap_dataloader", None)  # optional strategy hook
     for i in loaders:
-        result[i] = prepare_dataloader(runtime, objects[i], seed)
+        loader = prepare_dataloader(runtime, objects[i], seed)
+        result[i] = wrap(runtime, loader) if wrap is not None else loader
         runtime.state.dataloaders.append(result[i])
+    _prepare_training_objects(runtime, objects, kinds, result)
     return result[0] if len(result) == 1 else tuple(result)
 
 
@@ -124,7 +127,8 @@ def _shared_seed(runtime: Runtime) -> int:
         return runtime.settings.seed
     seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
     if runtime.world_size > 1:
-        device = runtime.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        # gloo takes CPU tensors; device backends (nccl, xla, ...) take tensors on the run's device
+        device = runtime.device if dist.get_backend() != "gloo" else torch.device("cpu")
         seed = seed.to(device)
         dist.broadcast(seed, src=0)
     return int(seed.item())

@@ -18,6 +18,8 @@ Optional abilities are small protocols a module opts into by defining the functi
 
 * `no_sync(runtime, model)`: a context manager that skips gradient synchronisation
   (`GradientSyncControl`); strategies without it always synchronise.
+* `wrap_dataloader(runtime, loader) -> loader`: called by `prepare` on each prepared dataloader (before the
+  models of the same call are prepared); returns what the user iterates (XLA: a background device loader).
 
 Only this package may branch on the backend; the free functions call these functions.
 """

@@ -51,6 +51,27 @@ def init_process_group(env: ProcessEnvironment, settings: Settings, device: torc
     return True
 
 
+def init_process_group_always(env: ProcessEnvironment, settings: Settings, device: torch.device) -> bool:
+    """Like `init_process_group`, but one process gets a group too (FSDP and DeepSpeed need one).
+
+    The one-process group lives in an in-memory store, so it needs no address or port.
+    """
+    if dist.is_initialized():
+        return False
+    if env.world_size > 1:
+        return init_process_group(env, settings, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend=backend_for(device),
+        store=dist.HashStore(),
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=settings.timeout),
+    )
+    return True
+
+
 def backward(runtime: Runtime, loss: torch.Tensor, **kwargs: Any) -> None:
     """`loss.backward()`, through the gradient scaler when fp16 needs one."""
     scaler = runtime.state.scaler

@@ -1,0 +1,185 @@
+"""Fully sharded data parallel with FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+Parameters, gradients and optimizer state are sharded over the ranks (see `FSDPOptions` for the modes).
+`prepare` shards each model in place: the returned model is the user's own object (FSDP2 changes its
+class to add the hooks), its parameters are DTensors holding this rank's shard. Optimizers built before
+`prepare` are re-pointed at the sharded parameters; models built on the meta device are materialised
+shard by shard. Gradient clipping works on the global norm over all shards, accumulation micro-steps skip
+the reduce-scatter, and checkpoints go through torch.distributed.checkpoint (see `_fsdp_checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .. import _precision
+from ..errors import PrepareError
+from . import _common, _fsdp_params, _fsdp_wrap
+from ._common import backward, teardown
+from ._fsdp_checkpoint import (
+    CHECKPOINT_WORLD_SIZE_DEPENDENT,
+    full_state_dict,
+    load_training_state,
+    save_training_state,
+)
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from .._environment import ProcessEnvironment
+    from .._runtime import Runtime
+    from .._settings import Settings
+
+NAME = "fsdp"
+__all__ = [
+    "CHECKPOINT_WORLD_SIZE_DEPENDENT",
+    "NAME",
+    "FSDPState",
+    "backward",
+    "choose_device",
+    "clip_grad_norm_",
+    "full_state_dict",
+    "init_process_group",
+    "is_available",
+    "load_training_state",
+    "no_sync",
+    "prepare_training",
+    "save_training_state",
+    "setup",
+    "teardown",
+    "unavailable_reason",
+    "unwrap_model",
+]
+
+
+@dataclass(eq=False)
+class FSDPState:
+    """The strategy's own state (`runtime.state.strategy_state`): the mesh and the parameter map."""
+
+    mesh: DeviceMesh
+    param_map: _fsdp_params.ParamMap = field(default_factory=dict)
+
+
+def is_available() -> bool:
+    if not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unavailable_reason() -> str:
+    return (
+        "FSDP2 needs torch.distributed and torch.distributed.fsdp.fully_shard (torch >= 2.6); "
+        f"this torch is {torch.__version__}. Upgrade torch, or use strategy='ddp'."
+    )
+
+
+def choose_device(env: ProcessEnvironment, settings: Settings) -> torch.device:
+    """CUDA by local rank when present, else the CPU (FSDP does not run on MPS)."""
+    if not settings.cpu and torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_process_group(env: ProcessEnvironment, settings: Settings, device: torch.device) -> bool:
+    """FSDP needs a process group even for one process (its device mesh is built on one)."""
+    return _common.init_process_group_always(env, settings, device)
+
+
+def setup(runtime: Runtime) -> FSDPState:
+    options = runtime.settings.fsdp
+    mesh = _fsdp_wrap.build_mesh(options, runtime.world_size, runtime.local_world_size, runtime.device.type)
+    return FSDPState(mesh=mesh)
+
+
+def _state(runtime: Runtime) -> FSDPState:
+    state = runtime.state.strategy_state
+    assert isinstance(state, FSDPState), "the FSDP strategy's state is set up by distributed()"
+    return state
+
+
+def prepare_training(
+    runtime: Runtime, models: list[nn.Module], optimizers: list[Any], schedulers: list[Any]
+) -> tuple[list[nn.Module], list[Any], list[Any]]:
+    """Shard each model in place, then point the optimizers at the sharded parameters."""
+    state = _state(runtime)
+    for model in models:
+        shard(runtime, model, state)
+    for optimizer in optimizers:
+        _fsdp_params.repoint_optimizer(optimizer, state.param_map)
+    _use_sharded_scaler(runtime)
+    return models, optimizers, schedulers
+
+
+def shard(runtime: Runtime, model: nn.Module, state: FSDPState) -> nn.Module:
+    """Shard `model` in place with `fully_shard` (materialising it if it was built on meta)."""
+    if isinstance(model, torch.distributed.fsdp.FSDPModule):
+        raise PrepareError(
+            "prepare() got a model that fully_shard() already sharded; pass the plain module and let "
+            "distrib shard it (FSDPOptions chooses units, mixed precision and offload)."
+        )
+    options = runtime.settings.fsdp
+    layout = _fsdp_params.meta_layout(model)
+    rank0_state = model.state_dict() if layout == "rank0" and runtime.rank == 0 else None
+    if layout == "none" and runtime.settings.device_placement and not options.cpu_offload:
+        model.to(runtime.device)
+    before = _fsdp_params.names_by_id(model)
+    _fsdp_wrap.shard_model(
+        model,
+        mesh=state.mesh,
+        options=options,
+        mp_policy=_fsdp_wrap.mixed_precision_policy(runtime.mixed_precision, options.reduce_dtype),
+        device_type=runtime.device.type,
+    )
+    if layout != "none":
+        device = torch.device("cpu") if options.cpu_offload else runtime.device
+        _fsdp_params.materialize(model, layout, device, rank0_state)
+    _fsdp_params.update_param_map(state.param_map, before, model)
+    return _precision.wrap_forward(runtime, model)
+
+
+def _use_sharded_scaler(runtime: Runtime) -> None:
+    """fp16: the inf check must agree over all ranks, since each one sees only its gradient shards."""
+    scaler = runtime.state.scaler
+    if scaler is None or runtime.state.optimizers:
+        return
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    if not isinstance(scaler, ShardedGradScaler):
+        runtime.state.scaler = ShardedGradScaler(runtime.device.type)
+
+
+@contextlib.contextmanager
+def no_sync(runtime: Runtime, model: nn.Module) -> Iterator[None]:
+    """Accumulate unsharded local gradients without reduce-scatter until the block ends."""
+    if not isinstance(model, torch.distributed.fsdp.FSDPModule):
+        yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm_(
+    runtime: Runtime, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float
+) -> torch.Tensor:
+    """Clip by the global norm over every rank's gradient shards; returns that norm (a plain tensor)."""
+    total = _common.clip_grad_norm_(runtime, parameters, max_norm, norm_type)
+    full = getattr(total, "full_tensor", None)
+    return full() if callable(full) else total
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's own module: FSDP2 shards in place, so the prepared model is that object."""
+    return model
