@@ -1,0 +1,145 @@
+"""torch_xla strategy. Without torch_xla (CI): options, the clear unavailability error, and the control
+flow of the device loader and optimizer against stand-ins. With torch_xla (`nox -s xla`: torch 2.9 +
+torch_xla 2.9 on PJRT_DEVICE=CPU, one device): the real loop, collectives and checkpoints, marked `xla`."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_fsdp_support import make_loader, make_model, max_difference, run_loop
+
+from distrib import Settings, XLAOptions, accumulate, distributed, prepare
+from distrib._environment import launcher_settings
+from distrib.errors import SettingsError
+from distrib.strategies import xla
+from distrib.strategies._xla_loader import XLADeviceLoader
+
+HAS_TORCH_XLA = importlib.util.find_spec("torch_xla") is not None
+needs_torch_xla = pytest.mark.skipif(
+    not HAS_TORCH_XLA,
+    reason="needs torch_xla (torch 2.9 + torch_xla 2.9); run `nox -s xla`, which builds that environment",
+)
+
+
+def test_options_from_code_dicts_and_the_launcher():
+    assert Settings.from_mapping({"xla": {"sync_every_step": False}}).xla == XLAOptions(sync_every_step=False)
+    assert launcher_settings({"DISTRIB_XLA": '{"loader_prefetch_size": 2}'})["xla"].loader_prefetch_size == 2
+    with pytest.raises(SettingsError, match="device_prefetch_size=0 must be >= 1"):
+        XLAOptions(device_prefetch_size=0)
+    with pytest.raises(SettingsError, match="unknown setting 'mark_step' for XLAOptions"):
+        Settings.from_mapping({"xla": {"mark_step": True}})
+
+
+@pytest.mark.skipif(HAS_TORCH_XLA, reason="checks the error shown where torch_xla is missing")
+def test_without_torch_xla_the_strategy_says_how_to_get_it():
+    assert xla.is_available() is False
+    reason = xla.unavailable_reason()
+    assert "pip install 'distrib[xla]'" in reason and "match torch's version" in reason
+    with (
+        pytest.raises(SettingsError, match=r"strategy 'xla' cannot run here.*distrib\[xla\]"),
+        distributed(strategy="xla"),
+    ):
+        pass
+
+
+def test_device_loader_reports_the_position_the_loop_sees(monkeypatch: pytest.MonkeyPatch):
+    """MpDeviceLoader reads ahead on a thread; accumulate must still see the loop's position."""
+
+    def read_everything_first(self: XLADeviceLoader) -> Any:
+        return iter(list(self.loader))  # the wrapped loader is exhausted before the first batch
+
+    monkeypatch.setattr(XLADeviceLoader, "_device_loader", read_everything_first)
+    with distributed(gradient_accumulation_steps=3) as ctx:
+        loader = XLADeviceLoader(prepare(make_loader(batch_size=6)), ctx)  # 32 samples: 6 batches
+        syncs, remaining = [], []
+        for _ in loader:
+            assert ctx.state.active_dataloader is loader
+            remaining.append(loader.remaining_in_epoch())
+            with accumulate():
+                syncs.append(ctx.sync_gradients)
+        assert syncs == [False, False, True, False, False, True]
+        assert remaining == [6, 5, 4, 3, 2, 1]
+        assert loader.state_dict()["batches_yielded"] == 6 and len(loader) == 6
+
+
+class FakeXM:
+    """Records the torch_xla calls the optimizer makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, optimizer_args: dict[str, Any]) -> None:
+        self.calls.append("optimizer_step")
+        optimizer.step(**optimizer_args)
+
+    def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        self.calls.append("reduce_gradients")
+
+
+def test_optimizer_reduces_once_per_window_and_after_clipping(monkeypatch: pytest.MonkeyPatch):
+    fake = FakeXM()
+    monkeypatch.setattr(xla, "_xm", lambda: fake)
+    monkeypatch.setattr(xla, "_sync", lambda: fake.calls.append("sync"))
+    with distributed(gradient_accumulation_steps=2) as ctx:
+        ctx.state.strategy_state = xla.XLAState()
+        model = make_model()
+        _, [optimizer], _ = xla.prepare_training(ctx, [], [torch.optim.SGD(model.parameters(), lr=0.1)], [])
+        ctx.state.optimizers.append(optimizer)
+        for clip in (False, False, True, True):
+            with accumulate():
+                model(torch.ones(1, 8)).sum().backward()
+                if clip and ctx.sync_gradients:
+                    xla.clip_grad_norm_(ctx, model.parameters(), 1.0, 2.0)
+                optimizer.step()
+        assert fake.calls == ["optimizer_step", "sync", "reduce_gradients", "sync"]
+
+
+# -- with torch_xla --------------------------------------------------------------------------------
+
+
+@pytest.mark.xla
+@needs_torch_xla
+def test_the_loop_on_an_xla_device_matches_the_cpu():
+    from distrib import gather
+
+    reference = _train("single")
+    with distributed(strategy="xla") as ctx:
+        assert ctx.device.type == "xla"
+        model = make_model()
+        model, optimizer, loader = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), make_loader())
+        assert isinstance(loader, XLADeviceLoader)
+        run_loop(model, optimizer, loader, clip=1.0)
+        state = xla.full_state_dict(ctx, model)
+        assert gather(torch.tensor([ctx.rank], device=ctx.device)).cpu().tolist() == [0]
+    assert state is not None and max_difference(state, reference) < 1e-4
+
+
+def _train(strategy: str) -> dict[str, torch.Tensor]:
+    with distributed(strategy=strategy, cpu=True):
+        model = make_model()
+        model, optimizer, loader = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), make_loader())
+        run_loop(model, optimizer, loader, clip=1.0)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.xla
+@needs_torch_xla
+def test_checkpoint_round_trip_on_an_xla_device(tmp_path: Path):
+    with distributed(strategy="xla") as ctx:
+        model = make_model()
+        model, optimizer, loader = prepare(
+            model, torch.optim.AdamW(model.parameters(), lr=0.01), make_loader()
+        )
+        run_loop(model, optimizer, loader)
+        xla.save_training_state(ctx, tmp_path)
+        saved = xla.full_state_dict(ctx, model)
+    with distributed(strategy="xla") as ctx:
+        model = make_model(5)
+        model, optimizer = prepare(model, torch.optim.AdamW(model.parameters(), lr=0.01))
+        xla.load_training_state(ctx, tmp_path)
+        assert saved is not None and max_difference(xla.full_state_dict(ctx, model), saved) == 0.0
+        assert len(optimizer.state_dict()["state"]) == len(list(model.parameters()))
