@@ -54,3 +54,15 @@ def benchmarks(session: nox.Session) -> None:
     """Overhead against raw PyTorch (and Accelerate) in the same run; writes docs/benchmarks.md."""
     session.install(*CONSTRAINTS, "-e", ".[test]", "accelerate")
     session.run("python", "benchmarks/run_all.py", *session.posargs, env={"ACCELERATE_USE_CPU": "true"})
+
+
+@nox.session
+def xla(session: nox.Session) -> None:
+    """Opt-in (not in CI): the `xla`-marked tests on torch_xla's CPU device (PJRT_DEVICE=CPU).
+
+    torch_xla must match torch exactly, so this session builds its own environment with torch 2.9 and
+    torch_xla 2.9 (a large download) instead of the pinned CPU torch of the other sessions.
+    """
+    session.install("torch==2.9.*", "torch_xla==2.9.*", "-e", ".", "pytest>=8", "pytest-timeout>=2.3")
+    paths = ("tests/test_xla.py", *session.posargs)
+    session.run("python", "-m", "pytest", "-m", "xla", *paths, env={"PJRT_DEVICE": "CPU"})
