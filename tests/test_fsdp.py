@@ -152,6 +152,24 @@ def test_prepare_refuses_a_stepped_optimizer_and_a_model_sharded_by_hand():
             prepare(sharded)
 
 
+def test_accumulation_micro_steps_skip_the_reduce_scatter(monkeypatch: pytest.MonkeyPatch):
+    from torch.distributed.fsdp import FSDPModule
+
+    calls: list[bool] = []
+    real = FSDPModule.set_requires_gradient_sync
+
+    def record(self: FSDPModule, requires: bool, **kwargs: Any) -> None:
+        calls.append(requires)
+        real(self, requires, **kwargs)
+
+    monkeypatch.setattr(FSDPModule, "set_requires_gradient_sync", record)
+    with distributed(strategy="fsdp", gradient_accumulation_steps=2):
+        model = make_model()
+        prepared = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), make_loader())
+        run_loop(*prepared)
+    assert calls == [False, True] * 8  # 16 micro-batches: off for the first of each window, then back on
+
+
 def test_compile_runs_per_unit_after_sharding(monkeypatch: pytest.MonkeyPatch):
     compiled: list[nn.Module] = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
