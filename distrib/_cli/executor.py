@@ -197,7 +197,22 @@ def run_xla(plan: LaunchPlan) -> None:
 
 
 def _xla_worker(index: int, target: str, args: tuple[str, ...], is_module: bool) -> None:
-    """Entry point of one XLA process (module level, so `spawn` can pickle it)."""
+    """Entry point of one XLA process (module level, so `spawn` can pickle it).
+
+    torch_xla's spawner sets no torch.distributed variables; the runtime reads where this process sits
+    from RANK/WORLD_SIZE/LOCAL_RANK like for any launcher, so export them from the PJRT runtime first.
+    """
+    import torch_xla.runtime as xr
+
     from . import worker
+
+    os.environ.update(
+        {
+            "RANK": str(xr.global_ordinal()),
+            "WORLD_SIZE": str(xr.world_size()),
+            "LOCAL_RANK": str(xr.local_ordinal()),
+            "LOCAL_WORLD_SIZE": str(xr.local_device_count()),
+        }
+    )
 
     worker.run(target, list(args), is_module=is_module)
