@@ -62,21 +62,28 @@ def worker_env() -> dict[str, str]:
 
 
 def launch(script: Path, config: dict[str, Any], nproc: int = 2, timeout: float = 900) -> dict[str, Any]:
-    """Run `script --worker` on `nproc` processes with `config`; return what rank 0 wrote."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-            str(script), "--worker", "--out", str(out), "--config", json.dumps(config),
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(
-                f"benchmark launch failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+    """Run `script --worker` on `nproc` processes with `config`; return what rank 0 wrote.
+
+    A launch whose result was written but that then failed while exiting counts (the exit code is kept
+    in the result); a launch without a result is tried once more, then raises with its output.
+    """
+    for attempt in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                str(script), "--worker", "--out", str(out), "--config", json.dumps(config),
+            ]  # fmt: skip
+            proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout)
+            if out.exists():
+                return {**json.loads(out.read_text()), "exit_code": proc.returncode}
+            message = (
+                f"benchmark launch failed (exit {proc.returncode}, attempt {attempt}): {' '.join(cmd)}\n"
                 f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
             )
-        return dict(json.loads(out.read_text()))
+            print(message, file=sys.stderr, flush=True)
+    raise RuntimeError(message)
 
 
 def interleave(
@@ -93,6 +100,8 @@ def interleave(
     so it is far less sensitive to other work on a shared machine.
     """
     names = list(variants)
+    gc.collect()
+    gc.freeze()  # what exists now is never collected again: the collection before each round stays cheap
     times: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}}
     for r in range(warmup + rounds):
         shift = r % len(names)
@@ -150,6 +159,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "processor": _cpu_model(),
+        "malloc": ", ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()),
     }
     if have_accelerate():
         import accelerate
@@ -186,13 +196,32 @@ def variants_wanted(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def run_worker(args: argparse.Namespace, body: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """Worker side: run `body(config)` on every rank; rank 0 writes the result to `--out`."""
+_OUT: Path | None = None
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Worker side: rank 0 writes its result now (call it inside the scope, before the teardown)."""
+    global _OUT
+    if _OUT is not None and int(os.environ.get("RANK", "0")) == 0:
+        tmp = _OUT.with_suffix(".partial")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(_OUT)  # whole or absent: a rank that dies later cannot leave half a file
+    _OUT = None
+
+
+def run_worker(args: argparse.Namespace, body: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+    """Worker side: run `body(config)` on every rank; rank 0 writes the result to `--out`.
+
+    The result is written as soon as `body` calls `emit` (or, failing that, when it returns), so a rank
+    that aborts while tearing the process group down (a known gloo exit race) does not lose the figures.
+    """
     import torch.distributed as dist
 
+    global _OUT
+    _OUT = args.out
     result = body(args.config)
-    if int(os.environ.get("RANK", "0")) == 0:
-        args.out.write_text(json.dumps(result))
+    if result is not None:
+        emit(result)
     if dist.is_initialized():  # a distrib scope owns the group and closes it; anything else, close here
         dist.barrier()
         dist.destroy_process_group()
@@ -219,19 +248,23 @@ def run_cases(
     """
     launches = args.launches or (1 if args.quick else default_launches)
     raw: dict[str, list[dict[str, dict[str, list[float]]]]] = {c["case"]: [] for g in groups for c in g}
+    exits = dict.fromkeys(raw, 0)  # launches that wrote their result, then failed while exiting
     for i in range(launches):
         for group in groups:
             names = ", ".join(c["case"] for c in group)
             print(f"[{script.stem}] launch {i + 1}/{launches}: {names}", file=sys.stderr, flush=True)
-            times = launch(script, {"cases": group})["times"]
+            result = launch(script, {"cases": group})
             for case in group:
-                raw[case["case"]].append(times[case["case"]])
+                raw[case["case"]].append(result["times"][case["case"]])
+                exits[case["case"]] += result["exit_code"] != 0
     return [
         {
             "case": c["case"],
             "describe": c.get("describe", ""),
             "variants": summarize([t["wall"] for t in raw[c["case"]]]),
             "cpu": summarize([t["cpu"] for t in raw[c["case"]]]),
+            "launches": len(raw[c["case"]]),
+            "failed_exits": exits[c["case"]],
         }
         for g in groups
         for c in g

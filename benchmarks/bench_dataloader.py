@@ -5,7 +5,7 @@ Cases: a TensorDataset (the cheapest possible batches, so any per-batch overhead
 dataset of tokenised samples (dicts of tensors, collated by torch's default collate). A round is one
 epoch; the loop body only touches the batch.
 
-    python benchmarks/bench_dataloader.py --json dataloader.json [--quick] [--launches 3]
+    python benchmarks/bench_dataloader.py --json dataloader.json [--quick] [--launches 5]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def build(name: str, data: Dataset, batch: int, world: int, rank: int) -> Any:  
     return timed_epochs(Accelerator().prepare(loader))
 
 
-def worker(launch: dict[str, Any]) -> dict[str, Any]:
+def worker(launch: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from distrib import distributed
@@ -98,11 +98,11 @@ def worker(launch: dict[str, Any]) -> dict[str, Any]:
             data = dataset(config["dataset"], config["samples"] * ctx.world_size)
             runs = {n: build(n, data, config["batch"], ctx.world_size, ctx.rank) for n in config["variants"]}
             times[config["case"]] = _common.interleave(runs, config["rounds"], warmup=1, barrier=dist.barrier)
-    return {"times": times}
+        _common.emit({"times": times})
 
 
 def configs(args: Any) -> list[list[dict[str, Any]]]:
-    batches, rounds = (20, 2) if args.quick else (200, 15)
+    batches, rounds = (20, 2) if args.quick else (200, 30)
     return [
         [
             {
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.worker:
         _common.run_worker(args, worker)
         return None
-    cases = _common.run_cases(Path(__file__), args, configs(args), default_launches=3)
+    cases = _common.run_cases(Path(__file__), args, configs(args), default_launches=5)
     return _common.finish(
         "dataloader",
         args,

@@ -6,7 +6,7 @@ predictions and of labels per batch; the padding cut off at the end), distrib's 
 Accelerate's. Every variant evaluates the same DDP-wrapped model. A round is one evaluation pass, timed
 per batch; every variant's pass returns exactly `len(dataset)` predictions (checked).
 
-    python benchmarks/bench_gather.py --json gather.json [--quick] [--launches 3]
+    python benchmarks/bench_gather.py --json gather.json [--quick] [--launches 5]
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def variant(name: str, config: dict[str, Any], world: int, rank: int) -> Any:
     return prepared_variant(config, accelerator.gather_for_metrics, accelerator.prepare)
 
 
-def worker(launch: dict[str, Any]) -> dict[str, Any]:
+def worker(launch: dict[str, Any]) -> None:
     from distrib import distributed
 
     times = {}
@@ -102,11 +102,11 @@ def worker(launch: dict[str, Any]) -> dict[str, Any]:
         for config in launch["cases"]:
             runs = {n: variant(n, config, ctx.world_size, ctx.rank) for n in config["variants"]}
             times[config["case"]] = _common.interleave(runs, config["rounds"], warmup=1, barrier=dist.barrier)
-    return {"times": times}
+        _common.emit({"times": times})
 
 
 def configs(args: Any) -> list[list[dict[str, Any]]]:
-    samples, rounds = (301, 2) if args.quick else (2001, 15)
+    samples, rounds = (301, 2) if args.quick else (2001, 30)
     return [
         [
             {
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.worker:
         _common.run_worker(args, worker)
         return None
-    cases = _common.run_cases(Path(__file__), args, configs(args), default_launches=3)
+    cases = _common.run_cases(Path(__file__), args, configs(args), default_launches=5)
     return _common.finish(
         "gather",
         args,

@@ -5,7 +5,7 @@ plain, with gradient accumulation (4 micro-batches) and with bf16 autocast. A ro
 prepared (or hand-sharded) dataloader, timed per micro-batch (wall and CPU time): loading, forward,
 backward, optimizer.
 
-    python benchmarks/bench_step.py --json step.json [--quick] [--launches 3] [--no-accelerate]
+    python benchmarks/bench_step.py --json step.json [--quick] [--launches 5] [--no-accelerate]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 GOAL = {"variant": "distrib", "max_ratio": 1.02}
 ACCUMULATION = 4
 # per model: (samples per rank per round, batch size per rank, timed rounds)
-SIZES = {"mlp": (64 * 32, 32, 12), "transformer": (16 * 16, 16, 8)}
+SIZES = {"mlp": (64 * 32, 32, 30), "transformer": (16 * 16, 16, 20)}
 QUICK_SIZES = {"mlp": (8 * 32, 32, 2), "transformer": (4 * 16, 16, 2)}
 MODES = {"plain": ("no", 1), "accumulation": ("no", ACCUMULATION), "bf16": ("bf16", 1)}
 
@@ -136,7 +136,7 @@ def accelerate_variant(config: dict[str, Any], world: int, rank: int) -> Any:
 BUILDERS = {"raw": raw_variant, "distrib": distrib_variant, "accelerate": accelerate_variant}
 
 
-def worker(launch: dict[str, Any]) -> dict[str, Any]:
+def worker(launch: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from distrib import distributed
@@ -149,7 +149,7 @@ def worker(launch: dict[str, Any]) -> dict[str, Any]:
     with distributed(**settings) as ctx:  # creates the gloo group that all three variants use
         runs = {name: BUILDERS[name](config, ctx.world_size, ctx.rank) for name in config["variants"]}
         times = _common.interleave(runs, config["rounds"], warmup=1, barrier=dist.barrier)
-    return {"times": {config["case"]: times}}
+        _common.emit({"times": {config["case"]: times}})
 
 
 def configs(args: Any) -> list[list[dict[str, Any]]]:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.worker:
         _common.run_worker(args, worker)
         return None
-    cases = _common.run_cases(Path(__file__), args, configs(args), default_launches=3)
+    cases = _common.run_cases(Path(__file__), args, configs(args), default_launches=5)
     return _common.finish(
         "step",
         args,

@@ -34,6 +34,14 @@ BENCHMARKS = {
     "memory": "bench_memory.py",
 }
 OWN = ("step", "dataloader", "gather")
+TITLES = {
+    "launch": "Start-up: distrib launch vs torchrun, import distrib vs import torch",
+    "checkpoint": "save_state / load_state throughput",
+    "big_model": "Big-model loading",
+    "memory": "Per-rank memory: DDP vs FSDP2 vs DeepSpeed ZeRO-3",
+}
+# short-run flags for the benchmarks that have no --quick of their own
+QUICK_ARGS = {"launch": ["--repeats", "1"], "memory": ["--world-sizes", "2"]}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--launches", type=int, help="fresh launches per case for step/dataloader/gather")
     p.add_argument("--no-accelerate", action="store_true", help="leave the Accelerate comparison out")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed for each benchmark")
+    p.add_argument("--render-only", action="store_true", help="rewrite the report from out-dir/all.json")
     return p.parse_args(argv)
 
 
@@ -55,6 +64,8 @@ def command(name: str, script: Path, out: Path, args: argparse.Namespace) -> lis
     # the other benchmarks are owned elsewhere: pass --quick only to those that take it
     if args.quick and (name in OWN or "--quick" in script.read_text()):
         cmd.append("--quick")
+    elif args.quick:
+        cmd += QUICK_ARGS.get(name, [])
     if name in OWN and args.launches:
         cmd += ["--launches", str(args.launches)]
     if name in OWN and args.no_accelerate:
@@ -69,7 +80,7 @@ def run_one(name: str, out_dir: Path, args: argparse.Namespace) -> dict[str, Any
         return {"benchmark": name, "skipped": f"benchmarks/{script.name} does not exist yet"}
     out = out_dir / f"{name}.json"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    start = time.monotonic()
+    start, load_before = time.monotonic(), os.getloadavg()[0]
     print(f"== {name}: {' '.join(command(name, script, out, args))}", flush=True)
     try:
         proc = subprocess.run(
@@ -84,7 +95,10 @@ def run_one(name: str, out_dir: Path, args: argparse.Namespace) -> dict[str, Any
         return {"benchmark": name, "failed": f"exit code {proc.returncode}", "log_tail": tail}
     result = dict(json.loads(out.read_text()))
     result.setdefault("benchmark", name)
+    if name not in OWN:  # their own Markdown tables, as they printed them
+        result["markdown_tables"] = markdown_tables(proc.stdout)
     result["wall_seconds"] = round(time.monotonic() - start, 1)
+    result["load_average"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
     print(f"   done in {result['wall_seconds']} s", flush=True)
     return result
 
@@ -172,7 +186,16 @@ def _generic(result: dict[str, Any]) -> list[str]:
         lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in rows]
         return lines
-    skip = {"benchmark", "machine", "title", "quick", "notes", "wall_seconds"}
+    skip = {
+        "benchmark",
+        "machine",
+        "title",
+        "quick",
+        "notes",
+        "wall_seconds",
+        "markdown_tables",
+        "raw_seconds",
+    }
     data = {k: v for k, v in result.items() if k not in skip}
     return ["```json", json.dumps(data, indent=2), "```"]
 
@@ -185,7 +208,7 @@ def _cell(value: Any) -> str:
 
 def _section(result: dict[str, Any]) -> list[str]:
     name = result["benchmark"]
-    lines = [f"## {result.get('title', name)} (`{name}`)", ""]
+    lines = [f"## {result.get('title') or TITLES.get(name, name)} (`{name}`)", ""]
     if "skipped" in result or "failed" in result:
         why = result.get("skipped") or f"failed: {result['failed']}"
         return [*lines, f"Not measured: {why}.", ""]
@@ -195,7 +218,12 @@ def _section(result: dict[str, Any]) -> list[str]:
         goal = result["goal"]
         lines += [f"Goal: {goal.get('variant', 'distrib')}/raw <= {goal['max_ratio']}.", ""]
     has_cases = isinstance(result.get("cases"), list) and all("variants" in c for c in result["cases"])
-    lines += _variant_table(result) if has_cases else _generic(result)
+    if has_cases:
+        lines += _variant_table(result)
+    elif result.get("markdown_tables"):
+        lines += "\n\n".join(result["markdown_tables"]).splitlines()
+    else:
+        lines += _generic(result)
     described = [f"- `{c['case']}`: {c['describe']}" for c in result.get("cases", []) if c.get("describe")]
     if described:
         lines += ["", "Cases:", "", *described]
@@ -244,22 +272,51 @@ def render(results: list[dict[str, Any]], quick: bool = False) -> str:
     ]
     if quick:
         lines += ["**This is a `--quick` smoke run: the figures below are not meaningful.**", ""]
-    load = os.getloadavg()
-    lines += ["## Machine", "", *_machine(results), f"- load average when the report was written: "
-              f"{load[0]:.1f} (1 min), {load[2]:.1f} (15 min)", ""]  # fmt: skip
+    loads = ", ".join(
+        f"{r['benchmark']} {r['load_average'][0]}-{r['load_average'][1]}"
+        for r in results
+        if "load_average" in r
+    )
+    lines += ["## Machine", "", *_machine(results)]
+    if loads:
+        lines.append(
+            f"- 1-minute load average before-after each benchmark (other work shares the CPUs): {loads}"
+        )
+    lines.append("")
     lines += ["## Method", "", METHOD, "", "## Summary", "", *_summary(results), ""]
     for result in results:
         lines += _section(result)
     return "\n".join(lines).rstrip() + "\n"
 
 
+def markdown_tables(text: str) -> list[str]:
+    """The Markdown tables in a benchmark's output, each with the line just before it as its caption."""
+    tables, lines = [], text.splitlines()
+    i = 0
+    while i < len(lines):
+        if not lines[i].lstrip().startswith("|"):
+            i += 1
+            continue
+        start = i
+        while i < len(lines) and lines[i].lstrip().startswith("|"):
+            i += 1
+        caption = next((lines[j] for j in range(start - 1, max(start - 3, -1), -1) if lines[j].strip()), "")
+        block = "\n".join(lines[start:i])
+        tables.append(f"{caption}\n\n{block}" if caption and not caption.startswith(("{", "[")) else block)
+    return tables
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.render_only and args.out_dir is None:
+        raise SystemExit("--render-only needs --out-dir (the folder of an earlier run)")
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="distrib-benchmarks-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = args.only or list(BENCHMARKS)
-    results = [run_one(name, out_dir, args) for name in names]
-    (out_dir / "all.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.render_only:
+        results = json.loads((out_dir / "all.json").read_text())
+    else:
+        results = [run_one(name, out_dir, args) for name in args.only or list(BENCHMARKS)]
+        (out_dir / "all.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = args.markdown or (out_dir / "benchmarks.md" if args.quick else ROOT / "docs" / "benchmarks.md")
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render(results, quick=args.quick))
