@@ -254,7 +254,7 @@ def _share(inputs: Any, rank: int, world: int, pad: bool) -> Any:
     longest = base + (1 if extra else 0)
     if pad and n and len(part) < longest:
         filler = inputs[-1:] if len(part) == 0 else part[-1:]
-        if isinstance(part, torch.Tensor):
+        if isinstance(part, torch.Tensor) and isinstance(filler, torch.Tensor):
             part = torch.cat([part, filler.expand(longest - len(part), *filler.shape[1:])])
         else:
             part = list(part) + list(filler) * (longest - len(part))

@@ -15,7 +15,7 @@ def tree_map(fn: Callable[[Any], Any], obj: Any, *, leaf: type | tuple[type, ...
     if isinstance(obj, Mapping):
         items = {k: tree_map(fn, v, leaf=leaf) for k, v in obj.items()}
         try:
-            return type(obj)(items)
+            return type(obj)(items)  # type: ignore[call-arg]
         except TypeError:
             return items
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):

@@ -28,6 +28,9 @@ class _Slot:
 class DispatchedDataLoader(PreparedDataLoader):
     """Rank 0 loads global batches and broadcasts them; every rank keeps its slice."""
 
+    per_rank: int = 1
+    _remainder: int | None = None
+
     @classmethod
     def from_loader(cls, runtime: Runtime, loader: DataLoader, seed: int) -> DispatchedDataLoader:  # type: ignore[type-arg]
         per_rank = loader.batch_size or 1

@@ -110,13 +110,13 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
         skip = self._skip
         self._skip = 0
         self._replay = 0
-        if skip and hasattr(self.batch_sampler, "skip"):
+        if skip and isinstance(self.batch_sampler, (ShardedBatchSampler, ShardedCustomBatchSampler)):
             self.batch_sampler.skip = skip  # skipped at the index level: nothing is loaded
         elif skip:
             self._replay = skip  # an iterable stream can only be skipped by reading it
         return skip
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         skip = self._begin_epoch()
         state = self.runtime.state
         previous, state.active_dataloader = state.active_dataloader, self
@@ -159,7 +159,7 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
         yield send_to_device(batch, self._device, non_blocking=True) if self._move else batch
 
     def __len__(self) -> int:
-        return len(self.batch_sampler) if self.batch_sampler is not None else super().__len__()
+        return len(self.batch_sampler) if self.batch_sampler is not None else super().__len__()  # type: ignore[arg-type]
 
     def remaining_in_epoch(self) -> int | None:
         """Batches left in this epoch, counting the one just yielded; None for iterable datasets."""
@@ -186,14 +186,14 @@ def prepare_dataloader(runtime: Runtime, loader: DataLoader, seed: int) -> DataL
         cutter = GlobalBatchCutter(
             batch_size or 1, runtime.rank, runtime.world_size, loader.drop_last, settings.even_batches
         )
-        dataset = ShardedIterableDataset(loader.dataset, cutter)
+        dataset = ShardedIterableDataset(loader.dataset, cutter)  # type: ignore[arg-type]
         return PreparedDataLoader(dataset, batch_size=batch_size, drop_last=loader.drop_last, **kwargs)
     batch_sampler = loader.batch_sampler
     if type(batch_sampler) is BatchSampler and batch_size is not None:
         cutter = GlobalBatchCutter(
             batch_size, runtime.rank, runtime.world_size, batch_sampler.drop_last, settings.even_batches
         )
-        sharded: Any = ShardedBatchSampler(batch_sampler.sampler, cutter)
+        sharded: Any = ShardedBatchSampler(batch_sampler.sampler, cutter)  # type: ignore[arg-type]
     elif batch_sampler is not None:
         if settings.split_batches:
             raise PrepareError(
