@@ -69,13 +69,15 @@ def _all_gather_tensors(caller: str, runtime: Runtime, tensors: list[torch.Tenso
     header = _header(tensors, device)
     headers = torch.empty(world, header.numel(), dtype=torch.int64, device=device)
     dist.all_gather(list(headers.unbind(0)), header)
+    if bool((headers == header).all()):
+        return _gather_same_shapes(tensors, world)  # the common case: nothing to check or unpad
     shapes = _check_compatible(caller, headers, len(tensors))
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for dtype in dict.fromkeys(t.dtype for t in tensors):
         idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
         sizes = [sum(shapes[r][i].numel() for i in idx) for r in range(world)]
         buffer = torch.zeros(max(sizes), dtype=dtype, device=device)
-        local = torch.cat([tensors[i].reshape(-1) for i in idx]) if idx else buffer[:0]
+        local = torch.cat([tensors[i].reshape(-1) for i in idx])
         buffer[: local.numel()] = local
         parts = [torch.empty_like(buffer) for _ in range(world)]
         dist.all_gather(parts, buffer)
@@ -85,6 +87,26 @@ def _all_gather_tensors(caller: str, runtime: Runtime, tensors: list[torch.Tenso
             per_rank.append([p.view(shapes[r][i]) for p, i in zip(pieces, idx)])
         for k, i in enumerate(idx):
             out[i] = torch.cat([per_rank[r][k] for r in range(world)])
+    return [t for t in out if t is not None]
+
+
+def _gather_same_shapes(tensors: list[torch.Tensor], world: int) -> list[torch.Tensor]:
+    """Every rank sent the same shapes: one flat buffer per dtype, results are (mostly) views of it."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        local = (
+            tensors[idx[0]].reshape(-1) if len(idx) == 1 else torch.cat([tensors[i].reshape(-1) for i in idx])
+        )
+        gathered = local.new_empty(world * local.numel())
+        dist.all_gather(list(gathered.chunk(world)), local.contiguous())
+        rows = gathered.view(world, -1)
+        offset = 0
+        for i in idx:
+            t = tensors[i]
+            piece = rows[:, offset : offset + t.numel()]
+            out[i] = piece.reshape(world * t.shape[0], *t.shape[1:])
+            offset += t.numel()
     return [t for t in out if t is not None]
 
 

@@ -212,17 +212,47 @@ def _to_text(value: Any) -> str:
 
 
 def resolve_settings(code: Mapping[str, Any], environ: ProcessEnvironment) -> tuple[Settings, list[str]]:
-    """Merge code and launcher values (code wins); return the settings and one message per conflict."""
+    """Merge code and launcher values (code wins); return the settings and one message per conflict.
+
+    Option objects (`fsdp=`, `deepspeed=`, ...) merge field by field: the fields the code sets win, the
+    launcher's others stay, so `DeepSpeedOptions(gradient_clipping=1.0)` in code keeps `--zero-stage 3`.
+    """
     merged = dict(environ.launcher_settings)
     conflicts = []
     for name, value in code.items():
-        if name in merged and merged[name] != value:
-            conflicts.append(
-                f"setting {name!r}: the code asks for {value!r} but the launcher set {merged[name]!r} "
-                f"({PREFIX}{name.upper()}); using the code's value. Remove one of them to silence this."
-            )
+        launched = merged.get(name)
+        if dataclasses.is_dataclass(launched) and not isinstance(launched, type):
+            value = _merge_options(name, launched, value, conflicts)
+        elif name in merged and launched != value:
+            conflicts.append(_conflict(name, value, launched))
         merged[name] = value
     return Settings.from_mapping(merged), conflicts
+
+
+def _merge_options(name: str, launched: Any, code: Any, conflicts: list[str]) -> Any:
+    if isinstance(code, Mapping):
+        given = dict(code)
+    else:
+        defaults = type(code)()
+        given = {
+            f.name: getattr(code, f.name)
+            for f in dataclasses.fields(code)
+            if getattr(code, f.name) != getattr(defaults, f.name)
+        }
+    for key, value in given.items():
+        old = getattr(launched, key, value)
+        if old != value and old != getattr(type(launched)(), key, None):
+            conflicts.append(_conflict(f"{name}.{key}", value, old))
+    current = {f.name: getattr(launched, f.name) for f in dataclasses.fields(launched)}
+    return _validation.build(type(launched), {**current, **given}, owner=type(launched).__name__)
+
+
+def _conflict(name: str, code: Any, launcher: Any) -> str:
+    variable = PREFIX + name.split(".")[0].upper()
+    return (
+        f"setting {name!r}: the code asks for {code!r} but the launcher set {launcher!r} ({variable}); "
+        "using the code's value. Remove one of them to silence this."
+    )
 
 
 def config_directory(environ: Mapping[str, str] | None = None) -> Path:

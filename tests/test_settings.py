@@ -139,3 +139,15 @@ def test_config_directory_order(tmp_path):
     assert config_directory({"DISTRIB_CONFIG_DIR": "/a", "XDG_CONFIG_HOME": "/b"}) == type(tmp_path)("/a")
     assert config_directory({"XDG_CONFIG_HOME": "/b", "HOME": "/h"}) == type(tmp_path)("/b/distrib")
     assert config_directory({"HOME": "/h"}) == type(tmp_path)("/h/.config/distrib")
+
+
+def test_option_objects_merge_field_by_field_with_the_launcher():
+    from distrib import DeepSpeedOptions
+
+    env = read_environment(settings_to_environment({"deepspeed": DeepSpeedOptions(zero_stage=3)}))
+    settings, conflicts = resolve_settings({"deepspeed": DeepSpeedOptions(gradient_clipping=1.0)}, env)
+    assert settings.deepspeed == DeepSpeedOptions(zero_stage=3, gradient_clipping=1.0)
+    assert conflicts == []
+    settings, conflicts = resolve_settings({"deepspeed": {"zero_stage": 2}}, env)
+    assert settings.deepspeed.zero_stage == 2
+    assert len(conflicts) == 1 and "deepspeed.zero_stage" in conflicts[0] and "DISTRIB_DEEPSPEED" in conflicts[0]

@@ -137,11 +137,14 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
         if total is None:
             yield from self._batches_with_lookahead(iterator, count)
             return
+        # object.__setattr__ skips DataLoader's Python-level __setattr__ check on every batch
+        set_attribute = object.__setattr__
+        move, device = self._move and self._device.type != "cpu", self._device
         for batch in iterator:
             count += 1
-            self.batches_yielded = count
-            self.end_of_dataloader = count >= total
-            yield send_to_device(batch, self._device, non_blocking=True) if self._move else batch
+            set_attribute(self, "batches_yielded", count)
+            set_attribute(self, "end_of_dataloader", count >= total)
+            yield send_to_device(batch, device, non_blocking=True) if move else batch
 
     def _batches_with_lookahead(self, iterator: Iterator[Any], count: int) -> Iterator[Any]:
         # without a length, the last batch is known only when the next fetch fails

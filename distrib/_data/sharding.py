@@ -8,11 +8,12 @@ wrapping around to the first samples, and `remainder` records how many of its sa
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, Sampler
+from torch.utils.data import IterableDataset, RandomSampler, Sampler, SequentialSampler
 
 
 def _pad_by_wrapping(items: list[Any], head: list[Any], size: int) -> list[Any]:
@@ -44,6 +45,21 @@ class GlobalBatchCutter:
         return self.batch_size * self.world_size
 
     def cut(self, stream: Iterable[Any]) -> Iterator[list[Any]]:
+        """This rank's slice of each global batch of `stream` (a list is cut by slicing, much faster)."""
+        if isinstance(stream, list):
+            return self._cut_list(stream)
+        return self._cut_stream(stream)
+
+    def _cut_list(self, items: list[Any]) -> Iterator[list[Any]]:
+        self.remainder = None
+        size, lo, hi = self.global_size, self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        full = len(items) - len(items) % size
+        for start in range(0, full, size):
+            yield items[start + lo : start + hi]
+        if full < len(items):
+            yield from self._finish(items[full:], items[:size])
+
+    def _cut_stream(self, stream: Iterable[Any]) -> Iterator[list[Any]]:
         self.remainder = None
         size, lo, hi = self.global_size, self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         head: list[Any] = []
@@ -55,13 +71,18 @@ class GlobalBatchCutter:
             if len(chunk) == size:
                 yield chunk[lo:hi]
                 chunk = []
-        if not chunk or self.drop_last:
+        if chunk:
+            yield from self._finish(chunk, head)
+
+    def _finish(self, chunk: list[Any], head: list[Any]) -> Iterator[list[Any]]:
+        """The last, incomplete global batch: dropped, padded by wrapping around, or cut short."""
+        if self.drop_last:
             return
         self.remainder = len(chunk)
         self.last_real = list(chunk)
         if self.even_batches:
-            chunk = _pad_by_wrapping(chunk, head, size)
-        mine = chunk[lo:hi]
+            chunk = _pad_by_wrapping(chunk, head, self.global_size)
+        mine = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         if mine:
             yield mine
 
@@ -72,6 +93,21 @@ class GlobalBatchCutter:
         if self.even_batches:
             return full + 1
         return full + (1 if rest > self.rank * self.batch_size else 0)
+
+
+def epoch_order(sampler: Sampler[Any]) -> Iterable[Any]:
+    """The sampler's indices for one epoch; a list in one call for torch's own samplers (the hot path)."""
+    if type(sampler) is SequentialSampler:
+        return list(range(len(sampler)))
+    if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
+        # the same draw RandomSampler.__iter__ makes from its generator, without a Python loop per index
+        generator = sampler.generator
+        if generator is None:
+            generator = torch.Generator().manual_seed(
+                int(torch.empty((), dtype=torch.int64).random_().item())
+            )
+        return torch.randperm(len(sampler.data_source), generator=generator).tolist()  # type: ignore[arg-type]
+    return iter(sampler)
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -88,9 +124,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         skip, self.skip = self.skip, 0
-        for i, batch in enumerate(self.cutter.cut(iter(self.sampler))):
-            if i >= skip:
-                yield batch
+        batches = self.cutter.cut(epoch_order(self.sampler))
+        yield from itertools.islice(batches, skip, None)
 
     def __len__(self) -> int:
         return self.cutter.num_batches(len(self.sampler))  # type: ignore[arg-type]
