@@ -302,3 +302,16 @@ def test_hybrid_sharding_over_a_two_by_two_mesh_on_four_processes():
         assert out["mesh"] == (2, 2)
         assert out["fraction"] < 0.6  # sharded over 2 ranks, replicated over the other 2
     assert results[0]["difference"] < 1e-5
+
+
+def test_batch_norm_runs_in_float32_under_a_bf16_policy():
+    from distrib import backward
+
+    with distributed(strategy="fsdp", mixed_precision="bf16"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, optimizer = prepare(model, optimizer)
+        out = model(torch.randn(2, 3, 8, 8))
+        backward(out.sum())
+        optimizer.step()
+        assert model[1].running_mean.dtype == torch.float32 and out.dtype == torch.float32

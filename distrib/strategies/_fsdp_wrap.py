@@ -148,6 +148,8 @@ def shard_model(
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     reshard = options.sharding in ("full", "hybrid")
+    if mp_policy is not None:
+        _keep_norms_in_float32(model, units, reshard, kwargs)
     for unit in units:
         fully_shard(unit, reshard_after_forward=reshard, **kwargs)
     # the root's parameters are needed again at once in backward: never re-shard them after forward
@@ -156,6 +158,26 @@ def shard_model(
         for unit in units or [model]:
             unit.compile()
     return units
+
+
+def _keep_norms_in_float32(
+    model: nn.Module, units: list[nn.Module], reshard: bool, kwargs: dict[str, Any]
+) -> None:
+    """Batch norms run in float32 under a low-precision policy: their running statistics stay float32,
+    and batch_norm refuses float32 statistics with bf16 weights. Each becomes its own float32 unit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    float32 = {
+        **kwargs,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32),
+    }
+    for module in model.modules():
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module is not model
+            and module not in units
+        ):
+            fully_shard(module, reshard_after_forward=reshard, **float32)
 
 
 def apply_activation_checkpointing(units: list[nn.Module]) -> None:
