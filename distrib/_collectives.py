@@ -207,6 +207,9 @@ def reduce(data: Any, reduction: Literal["sum", "mean"] = "sum", scale: float = 
     if reduction not in ("sum", "mean"):
         raise CollectiveError(f"reduce(reduction={reduction!r}) must be 'sum' or 'mean'.")
 
+    if runtime.world_size > 1:
+        _check_same_shapes("reduce", runtime, leaves(data))
+
     def one(t: torch.Tensor) -> torch.Tensor:
         out = t.clone()
         if runtime.world_size > 1:
@@ -216,6 +219,25 @@ def reduce(data: Any, reduction: Literal["sum", "mean"] = "sum", scale: float = 
         return out * scale if scale != 1.0 else out
 
     return tree_map(one, data)
+
+
+def _check_same_shapes(caller: str, runtime: Runtime, tensors: list[torch.Tensor]) -> None:
+    """Raise (on every rank) instead of hanging when the ranks' tensors differ in shape or dtype."""
+    device = tensors[0].device if tensors else runtime.device
+    header = _header(tensors, device)
+    headers = torch.empty(runtime.world_size, header.numel(), dtype=torch.int64, device=device)
+    dist.all_gather(list(headers.unbind(0)), header)
+    if bool((headers == header).all()):
+        return
+    table = headers.tolist()
+    listed = "; ".join(
+        f"rank {r}: {[tuple(row[2 : 2 + row[1]]) for row in _rows(rank_row, len(tensors))]}"
+        for r, rank_row in enumerate(table)
+    )
+    raise CollectiveError(
+        f"{caller}(): the ranks passed tensors of different shapes or dtypes ({listed}); every rank must "
+        "reduce tensors of one shape and dtype. Pad them first with pad_across_processes(tensor, dim=...)."
+    )
 
 
 def broadcast(data: Any, from_process: int = 0) -> Any:

@@ -162,3 +162,20 @@ def test_a_hang_fails_fast_with_the_stacks_of_hung_ranks(capfd):
         run_ranks(_hanging_worker, 2, timeout=20)
     assert time.monotonic() - start < 45
     assert "_hanging_worker" in capfd.readouterr().err, "the hung rank printed where it was stuck"
+
+
+def _reduce_mismatch_worker() -> str:
+    from distrib import distributed, reduce
+    from distrib.errors import CollectiveError
+
+    with distributed() as ctx:
+        try:
+            reduce(torch.ones(ctx.rank + 1))
+        except CollectiveError as exc:
+            return str(exc)
+        return "no error"
+
+
+def test_reduce_with_different_shapes_explains_instead_of_hanging():
+    for message in run_ranks(_reduce_mismatch_worker, 2, timeout=60):
+        assert "reduce()" in message and "pad_across_processes" in message
