@@ -218,7 +218,7 @@ def resolve_settings(code: Mapping[str, Any], environ: ProcessEnvironment) -> tu
     launcher's others stay, so `DeepSpeedOptions(gradient_clipping=1.0)` in code keeps `--zero-stage 3`.
     """
     merged = dict(environ.launcher_settings)
-    conflicts = []
+    conflicts: list[str] = []
     for name, value in code.items():
         launched = merged.get(name)
         if dataclasses.is_dataclass(launched) and not isinstance(launched, type):
