@@ -187,8 +187,11 @@ def _zero_worker() -> dict[str, Any]:
             max_difference(state, references["bf16"][0]),
             state["head.weight"].dtype,
         )
+        # nothing configured: the loop's clip_grad_norm_(params, 0.5) sets DeepSpeed's clipping
+        state, _ = train("deepspeed", deepspeed={"zero_stage": 2}, **common)
+        out["adopted"] = state is None or max_difference(state, references["no"][0])
         try:
-            train("deepspeed", clip=1.0, deepspeed={"zero_stage": 1})
+            train("deepspeed", clip=1.0, deepspeed={"zero_stage": 1, "gradient_clipping": 0.5})
         except TrainingError as exc:
             out["clip_error"] = str(exc)
         out["trained"] = {mp: ref is None or changed_from_init(ref) for mp, (ref, _) in references.items()}
@@ -214,7 +217,8 @@ def test_zero_stages_in_fp32_and_bf16_train_like_ddp_on_two_processes(deepspeed_
             assert norms[1:] == pytest.approx(reference_norms[:-1], rel=1e-4 if mp == "no" else 2e-2)
     difference, dtype = out["zero3_16bit"]
     assert dtype == torch.bfloat16 and difference < 2e-2
+    assert out["adopted"] < 1e-5, "clip_grad_norm_ with no clipping configured clips like DDP"
     assert (
-        "gradient_clipping=0.0" in out["clip_error"]
+        "gradient_clipping=0.5" in out["clip_error"]
         and "DeepSpeedOptions(gradient_clipping=1.0)" in out["clip_error"]
     )

@@ -290,6 +290,8 @@ def clip_grad_norm_(
     """
     engine = _engine(runtime)
     configured = float(engine.gradient_clipping() or 0.0)
+    if configured == 0.0 and norm_type == 2.0 and max_norm > 0:
+        configured = _adopt_clipping(engine, max_norm)
     if norm_type != 2.0 or abs(configured - max_norm) > 1e-12:
         raise TrainingError(
             f"under DeepSpeed, gradients are clipped inside optimizer.step() at the configured "
@@ -299,6 +301,16 @@ def clip_grad_norm_(
         )
     norm = engine.get_global_grad_norm()
     return torch.tensor(float("nan") if norm is None else float(norm))
+
+
+def _adopt_clipping(engine: Any, max_norm: float) -> float:
+    """No clipping was configured: clip at `max_norm` from the next step on, so the plain loop's
+    `clip_grad_norm_(params, max_norm)` keeps its meaning (DeepSpeed reads the value at each step; its ZeRO
+    and bf16 optimizers keep their own copy)."""
+    engine._config.gradient_clipping = max_norm
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = max_norm
+    return float(engine.gradient_clipping())
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
