@@ -209,6 +209,72 @@ def test_max_restarts_restarts_a_group_that_failed_once(tmp_path: Path):
     assert "restarting" in result.stderr, shown(result)
 
 
+RESTART_RACE = """
+    import os, time
+    import torch
+    import torch.distributed as dist
+    import distrib
+
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    rank = int(os.environ["RANK"])
+    if attempt == 1 and rank == 1:
+        time.sleep(3)  # rank 0 rendezvouses first: it must not find the address rank 1 had in attempt 0
+    scope = distrib.distributed() if os.environ.get("USE_SCOPE") else None
+    if scope is not None:
+        scope.__enter__()
+    else:
+        dist.init_process_group("gloo")
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    print(f"ATTEMPT rank={rank} attempt={attempt} sum={total.item():g}", flush=True)
+    if attempt == 0:
+        if rank == 1:
+            raise SystemExit("first attempt fails")
+        time.sleep(60)  # stopped by the launcher
+    if scope is not None:
+        scope.__exit__(None, None, None)
+    else:
+        dist.barrier()
+        dist.destroy_process_group()
+"""
+
+
+def restarted_cleanly(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, shown(result)
+    for rank in (0, 1):
+        assert f"ATTEMPT rank={rank} attempt=1 sum=2" in result.stdout, shown(result)
+    assert "Connection refused" not in result.stderr, shown(result)
+
+
+@pytest.mark.parametrize("backend", ["static", "c10d"])
+def test_a_restarted_group_gets_a_store_without_the_failed_attempts_keys(tmp_path: Path, backend: str):
+    # Any script, here plain torch.distributed: torch's agent keeps one store for the whole job and env://
+    # adds no per-attempt prefix, so without a new store per attempt rank 0 would connect to the gloo
+    # address rank 1 left there in attempt 0 (refused, or a hang).
+    name = script(tmp_path, "race.py", RESTART_RACE)
+    result = run(
+        tmp_path, "launch", "--num-processes", "2", "--max-restarts", "1", "--rdzv-backend", backend, name
+    )
+    restarted_cleanly(result)
+
+
+def test_the_scope_restarts_cleanly_under_plain_torchrun(tmp_path: Path):
+    # torchrun's own store keeps attempt 0's keys; the scope joins it under the attempt's prefix.
+    name = script(tmp_path, "race.py", RESTART_RACE)
+    env = {**distrib_env(tmp_path), "USE_SCOPE": "1"}
+    args = ["--nproc-per-node", "2", "--max-restarts", "1", "--master-port", str(free_port()), name]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    restarted_cleanly(result)
+
+
 def test_distrib_test_passes_on_cpu_with_two_processes(tmp_path: Path):
     result = run(tmp_path, "test", "--num-processes", "2", "--cpu", timeout=180)
     assert result.returncode == 0, shown(result)
