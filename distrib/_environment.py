@@ -53,6 +53,8 @@ class ProcessEnvironment:
     master_port: int | None = None
     launcher_settings: Mapping[str, Any] = field(default_factory=dict)
     restart_count: int = 0
+    # torchrun's agent hosts the job's store at MASTER_ADDR:MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE)
+    agent_store: bool = False
 
     def torch_variables(self) -> dict[str, str]:
         """The variables `torch.distributed`'s `env://` rendezvous reads, for launchers that lack them."""
@@ -109,6 +111,7 @@ def _from_torchrun(env: Mapping[str, str]) -> ProcessEnvironment | None:
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=_port(env),
         restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
+        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
     )
 
 

@@ -7,6 +7,7 @@ Every subprocess has a timeout and its whole output is printed when an assertion
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -68,10 +69,10 @@ REPORT = """
 
 
 def reports(stdout: str) -> list[dict[str, str]]:
-    out = []
-    for line in stdout.splitlines():
-        if line.startswith("REPORT "):
-            out.append(dict(part.split("=", 1) for part in line[len("REPORT ") :].split(" ", 10)))
+    # two processes share the pipe: a rank's text and its newline can arrive as two writes with the
+    # other rank's line in between, so cut at each "REPORT " rather than at line ends
+    chunks = re.findall(r"REPORT (.*?)(?=REPORT |\n|$)", stdout)
+    out = [dict(part.split("=", 1) for part in chunk.strip().split(" ", 10)) for chunk in chunks]
     return sorted(out, key=lambda r: int(r["rank"]))
 
 

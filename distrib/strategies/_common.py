@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import os
+import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,10 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
+#: groups this process has created; part of each group's store prefix (see init_process_group)
+_GROUPS_CREATED = itertools.count()
+
+
 def init_process_group(env: ProcessEnvironment, settings: Settings, device: torch.device) -> bool:
     """Create the default process group unless one exists or the job has one process."""
     if env.world_size == 1 or dist.is_initialized():
@@ -42,23 +46,22 @@ def init_process_group(env: ProcessEnvironment, settings: Settings, device: torc
     timeout = datetime.timedelta(seconds=settings.timeout)
     store: dist.Store | None = None
     init_method: str | None = None
-    if env.launcher != "torchrun":
-        # SLURM, MPI: no launcher store, so rank 0 hosts one at MASTER_ADDR:MASTER_PORT.
+    if not env.agent_store:
+        # SLURM, MPI, hand-set variables: no launcher store, so rank 0 hosts a new one for this group
         init_method = f"tcp://{env.master_addr}:{env.master_port}"
-    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.num_nodes == 1:
-        # The elastic agent's store at MASTER_ADDR:MASTER_PORT outlives restart attempts (torchrun keeps
-        # one for the whole job), and env:// has not given each attempt a key prefix of its own since
-        # torch 2.5. After --max-restarts restarts the group, a rank could read the gloo address a rank of
-        # the failed attempt left there and fail ("Gloo connectFullMesh failed ... Connection refused") or
-        # hang. So join the agent's store under this attempt's prefix, as torch <= 2.4 did. On one machine
-        # every worker of an attempt has the same TORCHELASTIC_RESTART_COUNT; across machines the agents
-        # count restarts separately (so no prefix there), and `distrib launch` gives every attempt a new
-        # store anyway (see _cli/executor.py).
+    else:
+        # torchrun's agent keeps one store at MASTER_ADDR:MASTER_PORT for the whole job, and env:// has not
+        # given each group a key prefix of its own since torch 2.5: a second scope in the same process, or
+        # the group of a restart attempt, would read the gloo addresses the previous group left there and
+        # fail ("Gloo connectFullMesh failed ... Connection refused") or hang. So every group joins the
+        # agent's store under a prefix of its own: the restart attempt (on one machine every worker of an
+        # attempt has the same TORCHELASTIC_RESTART_COUNT; across machines the agents count restarts
+        # separately, and `distrib launch` gives every attempt a new store, see _cli/executor.py) and the
+        # number of groups this process created before (every rank opens its scopes in the same order).
         assert env.master_addr is not None and env.master_port is not None
         agent_store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
-        store = dist.PrefixStore(f"distrib/attempt_{env.restart_count}", agent_store)
-    else:
-        init_method = "env://"  # joins the launcher's store, or rank 0 hosts one
+        attempt = f"attempt_{env.restart_count}/" if env.num_nodes == 1 else ""
+        store = dist.PrefixStore(f"distrib/{attempt}group_{next(_GROUPS_CREATED)}", agent_store)
     dist.init_process_group(
         backend=backend_for(device),
         init_method=init_method,
