@@ -308,7 +308,9 @@ def test_batch_norm_runs_in_float32_under_a_bf16_policy():
     from distrib import backward
 
     with distributed(strategy="fsdp", mixed_precision="bf16"):
-        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+        model = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)
+        )
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         model, optimizer = prepare(model, optimizer)
         out = model(torch.randn(2, 3, 8, 8))

@@ -150,4 +150,6 @@ def test_option_objects_merge_field_by_field_with_the_launcher():
     assert conflicts == []
     settings, conflicts = resolve_settings({"deepspeed": {"zero_stage": 2}}, env)
     assert settings.deepspeed.zero_stage == 2
-    assert len(conflicts) == 1 and "deepspeed.zero_stage" in conflicts[0] and "DISTRIB_DEEPSPEED" in conflicts[0]
+    assert (
+        len(conflicts) == 1 and "deepspeed.zero_stage" in conflicts[0] and "DISTRIB_DEEPSPEED" in conflicts[0]
+    )
