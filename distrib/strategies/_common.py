@@ -28,6 +28,13 @@ def choose_device(env: ProcessEnvironment, settings: Settings) -> torch.device:
     return torch.device("cpu")
 
 
+def choose_cuda_or_cpu(env: ProcessEnvironment, settings: Settings) -> torch.device:
+    """CUDA by local rank when present, else the CPU: for backends that do not run on MPS."""
+    if not settings.cpu and torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def backend_for(device: torch.device) -> str:
     """nccl for CUDA (with gloo for CPU tensors), gloo otherwise."""
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"

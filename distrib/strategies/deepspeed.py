@@ -98,11 +98,8 @@ def _import_deepspeed() -> Any:
     return deepspeed
 
 
-def choose_device(env: ProcessEnvironment, settings: Settings) -> torch.device:
-    """CUDA by local rank when present, else the CPU (DeepSpeed's CPU accelerator, over gloo)."""
-    if not settings.cpu and torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+# CUDA by local rank when present, else the CPU (DeepSpeed's CPU accelerator, over gloo)
+choose_device = _common.choose_cuda_or_cpu
 
 
 def init_process_group(env: ProcessEnvironment, settings: Settings, device: torch.device) -> bool:

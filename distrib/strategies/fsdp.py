@@ -83,11 +83,8 @@ def unavailable_reason() -> str:
     )
 
 
-def choose_device(env: ProcessEnvironment, settings: Settings) -> torch.device:
-    """CUDA by local rank when present, else the CPU (FSDP does not run on MPS)."""
-    if not settings.cpu and torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+# CUDA by local rank when present, else the CPU (FSDP does not run on MPS)
+choose_device = _common.choose_cuda_or_cpu
 
 
 def init_process_group(env: ProcessEnvironment, settings: Settings, device: torch.device) -> bool:
