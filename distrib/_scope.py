@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
+import torch
 import torch.distributed as dist
 
 from . import _precision, _runtime, strategies
@@ -99,16 +102,44 @@ class distributed:
 
 
 def close_process_group(*, clean: bool) -> None:
-    """Destroy the default group; after a clean run, first wait until every rank has finished.
+    """Destroy the default group; after a clean run, first wait until every rank has finished, and (gloo)
+    until gloo's worker threads have freed every collective this scope issued.
 
-    The barrier matters with gloo: a rank that tears its connections down while a peer still uses them
-    can make that peer abort after its work is done.
+    The barrier: a rank that tears its connections down while a peer still uses them can make that peer
+    fail after its work is done.
+
+    The wait, which keeps a finished run from aborting at exit ("terminate called without an active
+    exception", torch 2.13, CPython 3.11): gloo runs collectives on worker threads of its own, and each
+    collective keeps a copy of the issuing thread's torch state, Python objects included (every
+    `backward()` puts a `contextvars.Context` there, so DDP's gradient all-reduces hold one). The worker
+    thread that frees a collective must take the GIL to release those objects, and it frees them some
+    time after the collective completed (a barrier frees the collectives it waited for only when it goes
+    itself). `destroy_process_group` does not stop these threads while something still holds the group (a
+    DDP model does), so without the wait they can still be freeing collectives when the interpreter
+    finalizes; CPython then ends such a thread inside a C++ destructor, and the process aborts. The
+    group's creator (`strategies._common.init_process_group`) put a marker object in this thread's torch
+    state, so every collective of the scope holds it; the marker is released when the last of them has
+    been freed, and the scope waits for that without holding the GIL (normally well under a millisecond).
     """
-    if not dist.is_initialized():
-        return
-    if clean:
-        dist.barrier()
-    dist.destroy_process_group()
+    from .strategies._common import GROUP_MARKER_KEY
+
+    initialized = dist.is_initialized()
+    marker = None
+    try:
+        if clean and initialized:
+            dist.barrier()
+    finally:  # always take the marker out of this thread's torch state
+        if getattr(torch._C, "_is_key_in_tls", lambda key: False)(GROUP_MARKER_KEY):
+            marker = torch._C._get_obj_in_tls(GROUP_MARKER_KEY)
+            torch._C._remove_obj_from_tls(GROUP_MARKER_KEY)
+    if marker is not None:
+        released = threading.Event()
+        weakref.finalize(marker, released.set).atexit = False
+        del marker
+        if clean:  # bounded: a collective handle the script still holds keeps the marker until dropped
+            released.wait(5.0)
+    if initialized:
+        dist.destroy_process_group()
 
 
 def _explicit_values(settings: Settings) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import faulthandler
 import gc
 import importlib.machinery
 import importlib.util
+import io
 import os
 import runpy
 import sys
@@ -34,13 +35,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m distrib._cli.worker [--module] TARGET [ARGS...]")
     faulthandler.enable(all_threads=True)
     try:
-        namespace = run(args[0], args[1:], is_module=is_module)
-    except (SystemExit, KeyboardInterrupt):
+        run(args[0], args[1:], is_module=is_module)
+    except SystemExit as exc:  # sys.exit(...) in the script: leave with its status, as Python would
+        _finish(exc.code)
+        raise
+    except KeyboardInterrupt:
         raise
     except BaseException as exc:
         _record(exc)
         raise
-    _finish(namespace)
+    _finish(None)
 
 
 def run(target: str, args: list[str], *, is_module: bool) -> dict[str, Any]:
@@ -88,33 +92,75 @@ def _exec_as_main(
         __cached__=None,
     )
     sys.modules["__main__"] = module
+    _script_globals.append(module.__dict__)
     exec(code, module.__dict__)
     return module.__dict__
 
 
-def _finish(namespace: dict[str, Any]) -> None:
-    """Exit 0 after a script that completed, without letting C++ teardown turn success into a crash.
+#: the globals of the script this bootstrap runs (released by `_finish`)
+_script_globals: list[dict[str, Any]] = []
 
-    With gloo, a finished worker sometimes aborts in C++ static destruction at interpreter exit
-    ("terminate called without an active exception", about 1 exit in 10 here, after all Python code
-    ran), and the agent then reports a failed run. When torch.distributed was used and no other
-    non-daemon thread is alive, this runs what a normal exit would (atexit handlers run, the script's
-    objects are released, streams are flushed) and then leaves with `os._exit(0)`, skipping only the
-    C++ destructors. In any other case the interpreter exits normally.
+
+def _finish(code: Any) -> None:
+    """Leave as `raise SystemExit(code)` would after the script returned (None) or called sys.exit(code),
+    skipping only the interpreter's own finalization, which can turn a finished gloo run into a crash.
+
+    Why: gloo's worker threads free each collective some time after it completed, and freeing one whose
+    saved torch state holds Python objects (DDP's gradient all-reduces, since torch 2.13) takes the GIL.
+    When the process group outlives the script's last collective (a DDP model still holds it, so
+    `destroy_process_group` leaves its threads running), such a thread can still be freeing collectives
+    when the interpreter finalizes; CPython then ends the thread inside a C++ destructor and the process
+    aborts ("terminate called without an active exception"), about 1 exit in 10-50 with DDP here. distrib's
+    own scope waits for those threads (`_scope.close_process_group`); a script that uses torch.distributed
+    directly gets this instead.
+
+    When torch.distributed was imported and no other non-daemon thread is alive (otherwise the normal
+    exit, which waits for them, happens), this does what the normal exit would, in the same order: the
+    atexit handlers run, the script's globals are released (their finalizers run, open files are flushed
+    and closed), and every file still open anywhere is flushed; then `os._exit` with the status Python
+    would give.
     """
     if "torch.distributed" not in sys.modules:
         return
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return
     atexit._run_exitfuncs()  # before the globals go: handlers may use them, as at a normal exit
-    namespace.clear()  # the script's objects are finalised (open files flushed and closed)
+    for namespace in _script_globals:
+        namespace.clear()
     gc.collect()
+    status = _exit_status(code)
+    _flush_open_files()
+    os._exit(status)
+
+
+def _exit_status(code: Any) -> int:
+    """The exit status `raise SystemExit(code)` gives a Python process (a message is printed, status 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    try:
+        print(code, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+    return 1
+
+
+def _flush_open_files() -> None:
+    """Flush every open writable file object, as their finalizers would at a normal exit."""
+    kinds = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
+    for obj in gc.get_objects():
+        if type(obj) in kinds:  # exact types: cheap, and no isinstance hooks run
+            try:
+                if not obj.closed:
+                    obj.flush()
+            except (OSError, ValueError):
+                pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             pass
-    os._exit(0)
 
 
 def _record(exc: BaseException) -> None:

@@ -77,7 +77,20 @@ def init_process_group(env: ProcessEnvironment, settings: Settings, device: torc
         world_size=env.world_size,
         timeout=timeout,
     )
+    if backend_for(device) == "gloo" and hasattr(torch._C, "_remove_obj_from_tls"):
+        # For the scope's teardown (_scope.close_process_group): every collective gloo runs keeps a copy of
+        # this thread's torch state, so an object put there now is released only once gloo has freed the
+        # last collective this thread issued.
+
+        class GroupMarker:
+            pass
+
+        torch._C._stash_obj_in_tls(GROUP_MARKER_KEY, GroupMarker())
     return True
+
+
+#: key of the marker `init_process_group` puts in torch's thread-local state (see close_process_group)
+GROUP_MARKER_KEY = "distrib.process_group"
 
 
 def init_process_group_always(env: ProcessEnvironment, settings: Settings, device: torch.device) -> bool:
