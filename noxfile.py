@@ -17,6 +17,13 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def unit(session: nox.Session) -> None:
+    """The unit tier only (tests/unit: no processes; under a minute)."""
+    session.install(*CONSTRAINTS, "-e", ".[test]")
+    session.run("python", "-m", "pytest", "tests/unit", "-q", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
     session.install("ruff")
@@ -37,7 +44,7 @@ def typecheck(session: nox.Session) -> None:
 def examples(session: nox.Session) -> None:
     """Run every example on 2 CPU processes (with `datasets`, which only hf_datasets.py needs)."""
     session.install(*CONSTRAINTS, "-e", ".[test]", "datasets")
-    session.run("python", "-m", "pytest", "tests/test_examples.py", *session.posargs)
+    session.run("python", "-m", "pytest", "tests/launch/test_examples.py", *session.posargs)
 
 
 @nox.session
@@ -64,5 +71,5 @@ def xla(session: nox.Session) -> None:
     torch_xla 2.9 (a large download) instead of the pinned CPU torch of the other sessions.
     """
     session.install("torch==2.9.*", "torch_xla==2.9.*", "-e", ".", "pytest>=8", "pytest-timeout>=2.3")
-    paths = ("tests/test_xla.py", *session.posargs)
+    paths = ("tests/unit/test_xla.py", *session.posargs)
     session.run("python", "-m", "pytest", "-m", "xla", *paths, env={"PJRT_DEVICE": "CPU"})

@@ -1,6 +1,6 @@
 """Write docs/reference/api.md from the docstrings of everything `distrib` exports.
 
-Run `python docs/gen_api_reference.py`; `tests/test_docs.py` fails when the committed page is stale.
+Run `python docs/gen_api_reference.py`; `tests/unit/test_docs.py` fails when the committed page is stale.
 """
 
 from __future__ import annotations

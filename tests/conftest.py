@@ -1,14 +1,34 @@
-"""Test fixtures that keep every test honest: no leaked scopes, process groups or environment."""
+"""Test tiers and the fixtures that keep every test honest: no leaked scopes, process groups or environment.
+
+Tiers, by directory (each test is marked with its tier):
+
+* `unit/`: no processes started; the whole tier runs in under a minute (`nox -s unit`);
+* `ranks/`: real processes over gloo through `distrib.testing.run_ranks` (2, 3 and 4 ranks), and
+  one-process runs of the sharded strategies;
+* `launch/`: `distrib launch`, torchrun, example scripts, fresh interpreters, crash tests;
+* `gpu/`: needs CUDA; skipped elsewhere, run on the accelerator machine (`tests/gpu/run_gpu_tier.sh`).
+
+Helpers shared by several test modules live in `_support/`.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+#: test tiers, one directory each; every test gets the marker of its directory (`pytest -m unit`, ...)
+TIERS = ("unit", "ranks", "launch", "gpu")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).parent
+    for item in items:
+        parts = Path(item.fspath).relative_to(root).parts
+        if parts and parts[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; run on the accelerator machine")
@@ -42,3 +62,22 @@ def _clean_state():
     assert not leaked_scopes, "a test left a distributed() scope open"
     assert not group_alive, "a test left a process group alive"
     assert not (added | changed), f"a test leaked environment variables: {sorted(added | changed)}"
+
+
+# -- shared fixtures of the big-model tests (unit and gpu tiers) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """A small language-model-shaped network, a batch of ids and its outputs (`tests/_support/big_model.py`)."""
+    from tests._support.big_model import make_reference
+
+    return make_reference()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, reference):
+    """The `reference` model saved in every checkpoint layout."""
+    from tests._support.big_model import make_checkpoints
+
+    return make_checkpoints(tmp_path_factory.mktemp("checkpoints"), reference[0])

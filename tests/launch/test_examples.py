@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))
 
 # short runs: the example's own flags for a quick pass
@@ -64,3 +64,15 @@ def test_every_example_is_listed_in_the_guide() -> None:
     guide = (ROOT / "docs" / "how-to" / "examples.md").read_text()
     missing = [p.name for p in EXAMPLES if p.name not in guide]
     assert not missing, f"docs/how-to/examples.md does not mention: {missing}"
+
+
+def test_the_example_runs_with_layers_on_disk_and_agrees_with_the_plain_model():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, str(root / "examples" / "big_model_inference.py"), "--size-mb", "64"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "'disk'" in result.stdout and "'cpu'" in result.stdout
+    assert "predictions agree: True; logits bit-identical: True" in result.stdout

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from test_fsdp_support import TinyNet, make_loader, make_model, max_difference, run_loop
 
 from distrib import distributed, load_state, prepare, save_model, save_state
 from distrib.errors import CheckpointError, DistribWarning
 from distrib.strategies import fsdp
 from distrib.testing import run_ranks
+from tests._support.models import TinyNet, make_loader, make_model, max_difference, run_loop
 
 PROBE = torch.linspace(-1, 1, 16).reshape(2, 8)
 

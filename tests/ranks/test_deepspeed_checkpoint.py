@@ -10,12 +10,19 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from test_fsdp_support import TinyNet, build_deepspeed_ops, make_loader, make_model, max_difference, run_loop
 
 from distrib import distributed, load_state, prepare, save_model, save_state, unwrap_model
 from distrib.errors import CheckpointError
 from distrib.strategies import deepspeed as ds_strategy
 from distrib.testing import run_ranks
+from tests._support.models import (
+    TinyNet,
+    build_deepspeed_ops,
+    make_loader,
+    make_model,
+    max_difference,
+    run_loop,
+)
 
 PROBE = torch.linspace(-1, 1, 16).reshape(2, 8)
 COMBINATIONS = [(stage, mp) for stage in (1, 2, 3) for mp in ("no", "bf16")]

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from distrib import (
     cpu_offload,
@@ -23,100 +21,14 @@ from distrib import (
 from distrib.big_modeling._dispatch import HOOK_ATTR
 from distrib.big_modeling._offload import OffloadFolder
 from distrib.errors import CheckpointError, DeviceMapError, DistribWarning
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.up = nn.Linear(dim, 2 * dim)
-        self.down = nn.Linear(2 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(self.norm(x))))
-
-
-class Net(nn.Module):
-    """A small language-model shape: embedding, blocks, head tied to the embedding, a float buffer."""
-
-    def __init__(self, dim: int = 32, num_blocks: int = 4, vocab: int = 64) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(num_blocks))
-        self.head = nn.Linear(dim, vocab, bias=False)
-        self.head.weight = self.embed.weight
-        self.register_buffer("scale", torch.tensor(0.5))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x) * self.scale
-
-
-DISK_MAP = {
-    "embed": "cpu",
-    "blocks.0": "cpu",
-    "blocks.1": "disk",
-    "blocks.2": "disk",
-    "blocks.3": "cpu",
-    "head": "cpu",
-    "scale": "cpu",
-}
-
-
-def state_without_ties(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    del state["head.weight"]  # tied to embed.weight; safetensors files hold it once
-    return state
-
-
-def save_sharded(state: dict[str, torch.Tensor], folder: Path, num_shards: int = 3) -> None:
-    names = list(state)
-    weight_map = {}
-    for index in range(num_shards):
-        file_name = f"model-{index + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {name: state[name] for name in names[index::num_shards]}
-        save_file(part, folder / file_name)
-        weight_map.update(dict.fromkeys(part, file_name))
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
-
-
-@pytest.fixture(scope="module")
-def reference() -> tuple[Net, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    model = Net().eval()
-    ids = torch.randint(0, 64, (3, 11))
-    with torch.no_grad():
-        expected = model(ids)
-    return model, ids, expected
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory, reference) -> dict[str, Path]:
-    model = reference[0]
-    root = tmp_path_factory.mktemp("checkpoints")
-    single = root / "model.safetensors"
-    save_file(state_without_ties(model), single)
-    sharded = root / "sharded"
-    sharded.mkdir()
-    save_sharded(state_without_ties(model), sharded)
-    torch_file = root / "pytorch_model.bin"
-    torch.save(model.state_dict(), torch_file)
-    return {"single": single, "sharded": sharded, "bin": torch_file}
-
-
-def empty_net() -> Net:
-    with init_empty_weights():
-        return Net().eval()
-
-
-def run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids)
-
+from tests._support.big_model import (
+    DISK_MAP,
+    _copy,
+    empty_net,
+    run,
+    save_sharded,
+    state_without_ties,
+)
 
 # --- loading ---------------------------------------------------------------------------------------------
 
@@ -294,12 +206,6 @@ def test_dispatching_twice_asks_for_remove_hooks_first(reference):
 # --- offload helpers, hooks and the disk format -----------------------------------------------------
 
 
-def _copy(model: nn.Module) -> Net:
-    copy = Net().eval()
-    copy.load_state_dict(model.state_dict())
-    return copy
-
-
 def test_cpu_offload_on_a_cpu_machine_keeps_outputs(reference):
     model = cpu_offload(_copy(reference[0]))
     assert torch.equal(run(model, reference[1]), reference[2])
@@ -415,39 +321,4 @@ def test_a_transformers_model_built_from_a_config_runs_offloaded(tmp_path):
 # --- GPU ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.gpu
-def test_gpu_layers_cpu_and_disk_offload_match_the_plain_model(checkpoints, reference, tmp_path):
-    device_map = {**DISK_MAP, "embed": 0, "head": 0, "blocks.0": 0}
-    model = load_checkpoint_and_dispatch(
-        empty_net(), checkpoints["sharded"], device_map=device_map, offload_folder=tmp_path
-    )
-    assert model.blocks[0].up.weight.device == torch.device("cuda", 0)
-    assert model.blocks[3].up.weight.is_meta  # on "cpu" with a GPU main device: streamed in
-    out = run(model, reference[1])
-    assert out.device == torch.device("cuda", 0)
-    torch.testing.assert_close(out.cpu(), reference[2], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.gpu
-def test_gpu_cpu_offload_streams_weights(reference):
-    model = cpu_offload(_copy(reference[0]), execution_device=0)
-    before = torch.cuda.memory_allocated(0)
-    out = run(model, reference[1])
-    assert out.device.type == "cuda"
-    assert torch.cuda.memory_allocated(0) - before < 64 * 1024  # only the output stays
-    torch.testing.assert_close(out.cpu(), reference[2], rtol=1e-4, atol=1e-5)
-
-
 # --- the example --------------------------------------------------------------------------------------
-
-
-def test_the_example_runs_with_layers_on_disk_and_agrees_with_the_plain_model():
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, str(root / "examples" / "big_model_inference.py"), "--size-mb", "64"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=root)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "'disk'" in result.stdout and "'cpu'" in result.stdout
-    assert "predictions agree: True; logits bit-identical: True" in result.stdout

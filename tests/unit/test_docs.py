@@ -5,14 +5,13 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 import distrib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", [n for n in distrib.__all__ if not n.startswith("__")])
@@ -48,11 +47,3 @@ def test_every_docs_page_in_the_nav_exists():
     pages = re.findall(r":\s*([\w/.-]+\.md)", nav)
     missing = [p for p in pages if not (ROOT / "docs" / p).exists()]
     assert not missing, f"mkdocs.yml names pages that do not exist: {missing}"
-
-
-def test_import_distrib_stays_lazy():
-    code = "import sys, distrib; bad = [m for m in ('distrib._prepare', 'distrib.big_modeling', 'deepspeed', 'tensorboard') if m in sys.modules]; print(bad)"
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "[]"

@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from test_fsdp_support import (
+from torch import nn
+
+from distrib import FSDPOptions, Settings, distributed, prepare, unwrap_model
+from distrib._environment import launcher_settings
+from distrib.errors import PrepareError, SettingsError
+from distrib.strategies import _fsdp_wrap
+from distrib.testing import run_ranks
+from tests._support.models import (
     WIDTH,
     TinyNet,
     changed_from_init,
@@ -19,13 +26,6 @@ from test_fsdp_support import (
     run_loop,
     train,
 )
-from torch import nn
-
-from distrib import FSDPOptions, Settings, distributed, prepare, unwrap_model
-from distrib._environment import launcher_settings
-from distrib.errors import PrepareError, SettingsError
-from distrib.strategies import _fsdp_wrap
-from distrib.testing import run_ranks
 
 # -- units and options, no processes ---------------------------------------------------------------
 

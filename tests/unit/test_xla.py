@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from test_fsdp_support import make_loader, make_model, max_difference, run_loop
 
 from distrib import Settings, XLAOptions, accumulate, distributed, prepare
 from distrib._environment import launcher_settings
 from distrib.errors import SettingsError
 from distrib.strategies import xla
 from distrib.strategies._xla_loader import XLADeviceLoader
+from tests._support.models import make_loader, make_model, max_difference, run_loop
 
 HAS_TORCH_XLA = importlib.util.find_spec("torch_xla") is not None
 needs_torch_xla = pytest.mark.skipif(
