@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> private module that defines it
 _EXPORTS: dict[str, str] = {
@@ -99,8 +99,8 @@ _EXPORTS: dict[str, str] = {
     "progress_bar": "_progress",
     "profile": "_profiler",
     # launching from Python
-    "notebook_launcher": "_launchers",
-    "debug_launcher": "_launchers",
+    "notebook_launcher": "_launch.notebook",
+    "debug_launcher": "_launch.notebook",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -132,7 +132,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         wait_for_everyone,
     )
     from ._data.loader import skip_first_batches
-    from ._launchers import debug_launcher, notebook_launcher
+    from ._launch.notebook import debug_launcher, notebook_launcher
     from ._logging import get_logger
     from ._options import DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
     from ._precision import autocast

@@ -9,7 +9,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import _precision
-from ._data.loader import PreparedDataLoader, prepare_dataloader
+from ._data.loader import PreparedDataLoader
+from ._data.prepare import prepare_dataloader
 from ._optim import PreparedOptimizer, PreparedScheduler
 from ._runtime import Runtime, current
 from .errors import PrepareError
@@ -127,9 +128,7 @@ def _shared_seed(runtime: Runtime) -> int:
         return runtime.settings.seed
     seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
     if runtime.world_size > 1:
-        # gloo takes CPU tensors; device backends (nccl, xla, ...) take tensors on the run's device
-        device = runtime.device if dist.get_backend() != "gloo" else torch.device("cpu")
-        seed = seed.to(device)
+        seed = seed.to(runtime.collective_device)
         dist.broadcast(seed, src=0)
     return int(seed.item())
 

@@ -61,6 +61,8 @@ class Runtime:
     num_nodes: int
     device: torch.device
     launcher: str
+    #: where the tensors of collectives live (the CPU for gloo, the device for NCCL and XLA)
+    collective_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     state: TrainingState = field(default_factory=TrainingState)
     owns_process_group: bool = False
 

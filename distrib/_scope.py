@@ -73,6 +73,7 @@ class distributed:
             num_nodes=env.num_nodes,
             device=device,
             launcher=env.launcher,
+            collective_device=strategy.collective_device(device),
             state=TrainingState(),
             owns_process_group=owns_group,
         )

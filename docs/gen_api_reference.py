@@ -18,7 +18,7 @@ SECTIONS = {
     "Collectives": ("_collectives",),
     "Process control": ("_process",),
     "Checkpoints": ("checkpointing",),
-    "Launching": ("_launchers",),
+    "Launching": ("_launch",),
     "Big-model inference": ("big_modeling",),
     "Tracking, logging and profiling": ("_tracking", "_logging", "_progress", "_profiler"),
 }

@@ -9,11 +9,12 @@ from typing import Any
 import click
 
 from .. import _validation
+from .._launch import config_file
+from .._launch.options import LAUNCH_DEFAULTS, RdzvBackend
 from .._options import DeepSpeedOptions, FSDPOptions
 from .._settings import Settings, choices
 from ..errors import SettingsError
-from . import config_file
-from .options import LAUNCH_DEFAULTS, LiteralChoice, RdzvBackend
+from .options import LiteralChoice
 
 
 def _target_path(path: str | None) -> Path:
@@ -21,7 +22,7 @@ def _target_path(path: str | None) -> Path:
 
 
 def _gpu_count() -> int:
-    from .machine import gpu_count
+    from .._launch.machine import gpu_count
 
     return gpu_count()
 

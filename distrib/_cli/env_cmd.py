@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from .. import __version__
+from .._launch import config_file
+from .._version import __version__
 from ..errors import SettingsError
-from . import config_file
 
 OPTIONAL_PACKAGES = (
     "deepspeed",
@@ -61,7 +61,7 @@ def torch_facts() -> dict[str, Any]:
 def report() -> list[tuple[str, Any]]:
     import platform
 
-    from .machine import cpu_count
+    from .._launch.machine import cpu_count
 
     rows: list[tuple[str, Any]] = [
         ("distrib", __version__),

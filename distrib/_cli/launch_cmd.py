@@ -10,10 +10,10 @@ from typing import Any
 import click
 
 from .. import _environment
+from .._launch import config_file, machine
+from .._launch.plan import LaunchPlan, Target, build_plan
 from ..errors import LaunchError, SettingsError
-from . import config_file, machine
 from .options import SectionedCommand, SectionOption, launch_options, values_from_params
-from .plan import LaunchPlan, Target, build_plan
 
 LAUNCH_HELP = """Run SCRIPT (or -m MODULE) on several processes, GPUs and machines.
 
@@ -123,7 +123,7 @@ def make_plan(params: dict[str, Any], target: Target) -> LaunchPlan:
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
     if plan.machine_rank == 0 and plan.main_process_port is not None and plan.executor == "elastic":
-        from .executor import port_in_use
+        from .._launch.executor import port_in_use
 
         if port_in_use(plan.main_process_port):
             raise click.UsageError(
@@ -135,7 +135,7 @@ def make_plan(params: dict[str, Any], target: Target) -> LaunchPlan:
 
 def execute(plan: LaunchPlan, *, quiet: bool) -> int:
     """Run the plan; return the exit code (0, or the first failed worker's)."""
-    from . import executor
+    from .._launch import executor
 
     if not quiet:
         click.echo(
@@ -209,7 +209,7 @@ def launch(
     ctx.exit(execute(plan, quiet=params["quiet"]))
 
 
-SANITY_SCRIPT = Path(__file__).with_name("sanity.py")
+SANITY_SCRIPT = Path(__file__).parent.parent / "_launch" / "sanity.py"
 TEST_HELP = """Check that this setup works: launch a bundled sanity script with your config and flags.
 
 \b

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
+from .._version import __version__
 from .config_cmd import config
 from .env_cmd import env
 from .launch_cmd import launch, test

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from .._tree import leaves, replace_leaves, send_to_device, tree_map
-from .loader import _LOADER_ARGS, PreparedDataLoader
+from .loader import PreparedDataLoader, loader_arguments
 from .sharding import _pad_by_wrapping
 
 if TYPE_CHECKING:
@@ -39,9 +39,7 @@ class DispatchedDataLoader(PreparedDataLoader):
             per_rank = max(1, per_rank // runtime.world_size)
         else:
             global_size = per_rank * runtime.world_size
-        common = {name: getattr(loader, name) for name in _LOADER_ARGS}
-        if loader.num_workers > 0:
-            common["prefetch_factor"] = loader.prefetch_factor
+        common = loader_arguments(loader)
         sampler = None if isinstance(loader.dataset, torch.utils.data.IterableDataset) else loader.sampler
         new = cls(
             loader.dataset,
@@ -93,7 +91,7 @@ class DispatchedDataLoader(PreparedDataLoader):
             yield None
 
     def _receive(self, payload: tuple[Any, bool] | None) -> tuple[Any, bool] | None:
-        device = self.runtime.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = self.runtime.collective_device
         header: list[Any] = [None]
         if payload is not None:
             batch, is_last = payload

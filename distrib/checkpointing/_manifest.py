@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from ..errors import CheckpointCorruptError
 from ._files import CHECKSUM, checksum, fsync_dir, fsync_file
 from ._layout import MANIFEST
-from ._sync import agree, broadcast_from_main
+from ._sync import broadcast_from_main, run_on_every_rank
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
@@ -66,7 +66,7 @@ def write_manifest(runtime: Runtime, directory: Path, metadata: dict[str, Any]) 
     """Checksum and fsync every file in `directory` (shared between ranks), then rank 0 writes the
     manifest. All ranks call it after all of them finished writing."""
     files = broadcast_from_main(runtime, list_files(directory) if runtime.rank == 0 else None)
-    parts = agree(
+    parts = run_on_every_rank(
         runtime, "checksumming the checkpoint", lambda: _describe(directory, _share(runtime, files))
     )
     if runtime.rank != 0:
@@ -132,7 +132,9 @@ def verify_files(runtime: Runtime, directory: Path, manifest: dict[str, Any], ve
         raise ValueError(f"verify={verify!r} must be 'checksum' or 'size'.")
     files = sorted(((n, int(e["size"])) for n, e in manifest["files"].items()), key=lambda f: (-f[1], f[0]))
     mine = [name for name, _ in _share(runtime, files)]
-    parts = agree(runtime, "verifying the checkpoint", lambda: _problems(directory, manifest, mine, verify))
+    parts = run_on_every_rank(
+        runtime, "verifying the checkpoint", lambda: _problems(directory, manifest, mine, verify)
+    )
     problems = [p for part in parts for p in part]
     if problems:
         raise CheckpointCorruptError(

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from .._runtime import current, current_or_none
 from ._files import parse_size, write_atomic
-from ._sync import agree
+from ._sync import run_on_every_rank
 from ._tensors import to_safetensors, write_tensors
 
 _WEIGHTS = {True: ("model", "safetensors"), False: ("pytorch_model", "bin")}
@@ -52,7 +52,7 @@ def save_model(
             assert state is not None, "a strategy's full_state_dict() must return the state dict on rank 0"
             write_weights(state, directory, max_bytes, safe_serialization)
 
-    agree(runtime, "save_model", write)
+    run_on_every_rank(runtime, "save_model", write)
     return directory
 
 

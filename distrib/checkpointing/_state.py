@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import __version__
 from .._runtime import current
+from .._version import __version__
 from ..errors import CheckpointError, CheckpointMismatchError, DistribWarning
 from . import _layout, _rng
 from ._files import fsync_dir, temp_sibling
 from ._manifest import Verify, read_manifest, verify_files, write_manifest
 from ._objects import check_contents, contents, load_objects, save_objects
-from ._sync import agree
+from ._sync import run_on_every_rank
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
@@ -53,12 +53,12 @@ def save_state(path: str | os.PathLike[str] | None = None) -> Path:
                 save_state()          # runs/exp1/checkpoints/step_000500
     """
     runtime = current("save_state")
-    plan = agree(runtime, "preparing the checkpoint", lambda: _plan(runtime, path))[0]
+    plan = run_on_every_rank(runtime, "preparing the checkpoint", lambda: _plan(runtime, path))[0]
     assert plan is not None
     try:
-        agree(runtime, "writing the checkpoint", lambda: _write(runtime, plan.temp))
+        run_on_every_rank(runtime, "writing the checkpoint", lambda: _write(runtime, plan.temp))
         write_manifest(runtime, plan.temp, _metadata(runtime))
-        agree(runtime, "publishing the checkpoint", lambda: _publish(runtime, plan))
+        run_on_every_rank(runtime, "publishing the checkpoint", lambda: _publish(runtime, plan))
     except BaseException:
         if runtime.rank == 0:
             shutil.rmtree(plan.temp, ignore_errors=True)
@@ -164,12 +164,16 @@ def load_state(
                 ...
     """
     runtime = current("load_state")
-    directory: Path | None = agree(runtime, "finding the checkpoint", lambda: _resolve(runtime, path))[0]
+    directory: Path | None = run_on_every_rank(
+        runtime, "finding the checkpoint", lambda: _resolve(runtime, path)
+    )[0]
     if directory is None:
         return None
-    manifest = agree(runtime, "reading the manifest", lambda: read_manifest(directory))[0]
+    manifest = run_on_every_rank(runtime, "reading the manifest", lambda: read_manifest(directory))[0]
     verify_files(runtime, directory, manifest, verify)
-    agree(runtime, "loading the checkpoint", lambda: _load(runtime, directory, manifest, weights_only))
+    run_on_every_rank(
+        runtime, "loading the checkpoint", lambda: _load(runtime, directory, manifest, weights_only)
+    )
     return directory
 
 

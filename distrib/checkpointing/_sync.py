@@ -1,7 +1,7 @@
 """The few collectives checkpointing needs, and a way to make every rank agree on a failure.
 
 A rank that raises while the others wait in a collective would hang them until the process-group timeout.
-`agree` runs a step on every rank and exchanges the outcome, so when any rank fails, every rank raises
+`run_on_every_rank` runs a step on every rank and exchanges the outcome, so when any rank fails, every rank raises
 (the failing rank its own exception, the others a copy naming the rank).
 """
 
@@ -44,7 +44,7 @@ def all_gather(runtime: Runtime, value: Any) -> list[Any]:
     return out
 
 
-def agree(runtime: Runtime, what: str, step: Callable[[], T]) -> list[T]:
+def run_on_every_rank(runtime: Runtime, what: str, step: Callable[[], T]) -> list[T]:
     """Run `step()` on every rank and return every rank's result, in rank order; if it raised anywhere,
     raise on every rank."""
     try:

@@ -50,6 +50,7 @@ REQUIRED_FUNCTIONS = (
     "unavailable_reason",
     "choose_device",
     "init_process_group",
+    "collective_device",
     "setup",
     "teardown",
     "prepare_training",

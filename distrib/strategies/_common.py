@@ -35,6 +35,11 @@ def choose_cuda_or_cpu(env: ProcessEnvironment, settings: Settings) -> torch.dev
     return torch.device("cpu")
 
 
+def collective_device(device: torch.device) -> torch.device:
+    """Where collectives' tensors must live: CUDA tensors travel over NCCL, everything else over gloo (CPU)."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
 def backend_for(device: torch.device) -> str:
     """nccl for CUDA (with gloo for CPU tensors), gloo otherwise."""
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
@@ -63,7 +68,7 @@ def init_process_group(env: ProcessEnvironment, settings: Settings, device: torc
         # fail ("Gloo connectFullMesh failed ... Connection refused") or hang. So every group joins the
         # agent's store under a prefix of its own: the restart attempt (on one machine every worker of an
         # attempt has the same TORCHELASTIC_RESTART_COUNT; across machines the agents count restarts
-        # separately, and `distrib launch` gives every attempt a new store, see _cli/executor.py) and the
+        # separately, and `distrib launch` gives every attempt a new store, see _launch/executor.py) and the
         # number of groups this process created before (every rank opens its scopes in the same order).
         assert env.master_addr is not None and env.master_port is not None
         agent_store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)

@@ -10,8 +10,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import _common
-from ._common import backward, choose_device, clip_grad_norm_, init_process_group, teardown
-from ._plain_checkpoint import (
+from ._common import backward, choose_device, clip_grad_norm_, collective_device, init_process_group, teardown
+from ._replicated_checkpoint import (
     CHECKPOINT_WORLD_SIZE_DEPENDENT,
     full_state_dict,
     load_training_state,
@@ -28,6 +28,7 @@ __all__ = [
     "backward",
     "choose_device",
     "clip_grad_norm_",
+    "collective_device",
     "full_state_dict",
     "init_process_group",
     "is_available",

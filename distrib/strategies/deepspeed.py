@@ -30,7 +30,7 @@ from torch import nn
 from .. import _precision
 from ..errors import PrepareError, SettingsError, TrainingError, missing_extra
 from . import _common, _deepspeed_config
-from ._common import teardown
+from ._common import collective_device, teardown
 from ._deepspeed_engine import (
     CHECKPOINT_WORLD_SIZE_DEPENDENT,
     EngineOptimizer,
@@ -53,6 +53,7 @@ __all__ = [
     "backward",
     "choose_device",
     "clip_grad_norm_",
+    "collective_device",
     "engine_optimizer",
     "full_state_dict",
     "init_process_group",

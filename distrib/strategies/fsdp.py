@@ -21,7 +21,7 @@ from torch import nn
 from .. import _precision
 from ..errors import PrepareError
 from . import _common, _fsdp_params, _fsdp_wrap
-from ._common import backward, teardown
+from ._common import backward, collective_device, teardown
 from ._fsdp_checkpoint import (
     CHECKPOINT_WORLD_SIZE_DEPENDENT,
     full_state_dict,
@@ -44,6 +44,7 @@ __all__ = [
     "backward",
     "choose_device",
     "clip_grad_norm_",
+    "collective_device",
     "full_state_dict",
     "init_process_group",
     "is_available",

@@ -43,6 +43,7 @@ __all__ = [
     "backward",
     "choose_device",
     "clip_grad_norm_",
+    "collective_device",
     "full_state_dict",
     "init_process_group",
     "is_available",
@@ -65,6 +66,11 @@ class XLAState:
     """The strategy's own state: whether this step's gradients were already all-reduced (by clipping)."""
 
     gradients_reduced: bool = False
+
+
+def collective_device(device: torch.device) -> torch.device:
+    """torch_xla's process group takes tensors on the XLA device."""
+    return device
 
 
 def is_available() -> bool:

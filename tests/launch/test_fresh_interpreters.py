@@ -43,7 +43,7 @@ def test_python_dash_m_distrib_and_version():
 
 def test_cli_modules_do_not_import_torch():
     code = (
-        "import sys, json; import distrib._cli.main, distrib._cli.executor, distrib._cli.worker; "
+        "import sys, json; import distrib._cli.main, distrib._launch.executor, distrib._launch.worker; "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy'))))"
     )
     out = subprocess.run(
@@ -78,7 +78,7 @@ def test_worker_bootstrap_runs_the_script_as_main_and_exits_like_python(tmp_path
         [
             sys.executable,
             "-m",
-            "distrib._cli.worker",
+            "distrib._launch.worker",
             str(tmp_path / "job.py"),
             str(tmp_path / "log.txt"),
             "-x",
@@ -97,7 +97,7 @@ def test_worker_bootstrap_keeps_the_exit_code_and_traceback_of_a_failure(tmp_pat
     (tmp_path / "bad.py").write_text(
         "import sys\nif len(sys.argv) > 1:\n    sys.exit(3)\nraise KeyError('nope')\n"
     )
-    worker = [sys.executable, "-m", "distrib._cli.worker", str(tmp_path / "bad.py")]
+    worker = [sys.executable, "-m", "distrib._launch.worker", str(tmp_path / "bad.py")]
     raised = subprocess.run(worker, capture_output=True, text=True, timeout=60, check=False)
     assert raised.returncode == 1 and "KeyError: 'nope'" in raised.stderr
     exited = subprocess.run([*worker, "exit"], capture_output=True, text=True, timeout=60, check=False)

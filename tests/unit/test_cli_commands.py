@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from distrib._cli import failures, machine
 from distrib._cli.main import cli
-from distrib._cli.plan import MachineFacts
+from distrib._launch import failures, machine
+from distrib._launch.plan import MachineFacts
 from distrib._settings import choices
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,7 +200,7 @@ def test_env_command_lists_versions_and_the_config_file(tmp_path: Path):
 TRACE = (
     "Traceback (most recent call last):\n"
     '  File "<frozen runpy>", line 198, in _run_module_as_main\n'
-    '  File "/x/distrib/_cli/worker.py", line 28, in main\n'
+    '  File "/x/distrib/_launch/worker.py", line 28, in main\n'
     "    run(args[0], args[1:], is_module=is_module)\n"
     '  File "/x/train.py", line 6, in <module>\n'
     '    raise RuntimeError("boom")\n'
@@ -260,7 +260,7 @@ def test_a_crash_without_traceback_says_so():
 def test_sanity_report_names_the_rank_and_check_that_failed(capsys: pytest.CaptureFixture[str]):
     from types import SimpleNamespace
 
-    from distrib._cli import sanity
+    from distrib._launch import sanity
 
     ctx = SimpleNamespace(
         world_size=2,
@@ -286,8 +286,8 @@ def test_sanity_report_names_the_rank_and_check_that_failed(capsys: pytest.Captu
 def test_xla_plans_run_through_torch_xla_launch(monkeypatch: pytest.MonkeyPatch):
     import types
 
-    from distrib._cli import executor
-    from distrib._cli.plan import Target, build_plan
+    from distrib._launch import executor
+    from distrib._launch.plan import Target, build_plan
     from distrib.errors import MissingExtraError
 
     plan = build_plan(

@@ -8,8 +8,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from distrib._cli import accelerate_compat, config_cmd, config_file
+from distrib._cli import config_cmd
 from distrib._cli.main import cli
+from distrib._launch import accelerate_compat, config_file
 from distrib.errors import SettingsError
 
 

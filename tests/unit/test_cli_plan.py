@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from distrib._cli.plan import LaunchPlan, MachineFacts, Target, build_plan
 from distrib._environment import SlurmStep, slurm_step
+from distrib._launch.plan import LaunchPlan, MachineFacts, Target, build_plan
 from distrib.errors import SettingsError
 
 CPU_BOX = MachineFacts(cpu_count=8, gpu_count=0)
@@ -168,7 +168,7 @@ def test_plan_is_frozen_and_validates_itself():
 
 
 def test_worker_command_runs_the_bootstrap_and_keeps_the_script_args():
-    assert plan().worker_args() == ("-u", "-m", "distrib._cli.worker", "train.py", "--lr", "3")
+    assert plan().worker_args() == ("-u", "-m", "distrib._launch.worker", "train.py", "--lr", "3")
     module = build_plan({}, target=Target("pkg.train", "module", ("-x",)), machine=CPU_BOX)
     assert module.worker_args()[-3:] == ("--module", "pkg.train", "-x")
 
@@ -184,7 +184,7 @@ def test_describe_shows_processes_rendezvous_and_environment():
         "DISTRIB_MIXED_PRECISION=bf16",
         "up to 2 restart",
         "num_processes (file)",
-        "distrib._cli.worker train.py --lr 3",
+        "distrib._launch.worker train.py --lr 3",
     ):
         assert expected in text
     assert json.loads(json.dumps(p.as_dict()))["environment"]["OMP_NUM_THREADS"] == "4"

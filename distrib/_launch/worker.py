@@ -1,4 +1,4 @@
-"""Worker bootstrap: `python -m distrib._cli.worker [--module] TARGET [ARGS...]`.
+"""Worker bootstrap: `python -m distrib._launch.worker [--module] TARGET [ARGS...]`.
 
 Runs the user's script (or module) as `__main__`, exactly as `python script.py` would, and when it raises
 records the exception in the error file torch's elastic agent gave this worker
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     if is_module:
         args = args[1:]
     if not args:
-        raise SystemExit("usage: python -m distrib._cli.worker [--module] TARGET [ARGS...]")
+        raise SystemExit("usage: python -m distrib._launch.worker [--module] TARGET [ARGS...]")
     faulthandler.enable(all_threads=True)
     try:
         run(args[0], args[1:], is_module=is_module)

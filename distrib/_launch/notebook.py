@@ -13,10 +13,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ._cli import config_file, machine
-from ._cli.options import DEFAULT_MONITOR_INTERVAL, SECTIONS
-from ._cli.plan import Target, build_plan
-from .errors import LaunchError
+from ..errors import LaunchError
+from . import config_file, machine
+from .options import DEFAULT_MONITOR_INTERVAL, SECTIONS
+from .plan import Target, build_plan
 
 __all__ = ["debug_launcher", "notebook_launcher"]
 
@@ -73,7 +73,7 @@ def notebook_launcher(
     method = start_method or _default_start_method(fn)
     if method == "fork":
         _check_fork_is_safe()
-    from ._cli.executor import run_elastic
+    from .executor import run_elastic
 
     results = run_elastic(plan, fn, tuple(args), start_method=method, quiet=True)
     return [results[rank] for rank in sorted(results)]

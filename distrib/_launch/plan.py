@@ -25,7 +25,7 @@ from .options import LAUNCH_DEFAULTS, SECTIONS, RdzvBackend
 Executor = Literal["elastic", "xla"]
 TargetKind = Literal["script", "module", "function"]
 DEFAULT_MULTI_MACHINE_PORT = 29500
-WORKER_MODULE = "distrib._cli.worker"
+WORKER_MODULE = "distrib._launch.worker"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ _PEER_ERROR = re.compile(
 )
 _STOP_SIGNALS = {int(signal.SIGTERM), int(signal.SIGKILL)}
 _BOOTSTRAP_FRAME = re.compile(
-    r'^  File "(<frozen runpy>|[^"]*runpy\.py|[^"]*distrib[/\\]_cli[/\\]worker\.py'
+    r'^  File "(<frozen runpy>|[^"]*runpy\.py|[^"]*distrib[/\\]_launch[/\\]worker\.py'
     r'|[^"]*torch[/\\]distributed[/\\]elastic[/\\]multiprocessing[/\\]errors[/\\]__init__\.py)"'
 )
 
