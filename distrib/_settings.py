@@ -42,8 +42,13 @@ class Settings:
     seed: int | None = None
     dispatch_batches: bool | None = None
     timeout: float = 1800.0
+    stall_timeout: float | None = 300.0
     project_dir: str | None = None
     total_limit: int | None = None
+    background_saves: bool = False
+    check_replicas_every: int | None = None
+    straggler_report_every: int | None = None
+    preemption_exit_code: int = 75
     ddp: DDPOptions = field(default_factory=DDPOptions)
     fsdp: FSDPOptions = field(default_factory=FSDPOptions)
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
@@ -59,6 +64,19 @@ class Settings:
             raise SettingsError(f"Settings.timeout={self.timeout} must be a positive number of seconds.")
         if self.total_limit is not None and self.total_limit < 1:
             raise SettingsError(f"Settings.total_limit={self.total_limit} must be >= 1, or None to keep all.")
+        if self.stall_timeout is not None and self.stall_timeout <= 0:
+            raise SettingsError(
+                f"Settings.stall_timeout={self.stall_timeout} must be a positive number of seconds, or None "
+                "to turn the stall watchdog off."
+            )
+        for name in ("check_replicas_every", "straggler_report_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SettingsError(f"Settings.{name}={value} must be >= 1 (optimizer steps), or None for off.")
+        if not 0 <= self.preemption_exit_code <= 255:
+            raise SettingsError(
+                f"Settings.preemption_exit_code={self.preemption_exit_code} must be an exit status, 0 to 255."
+            )
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated again)."""

@@ -9,10 +9,13 @@ Every error says what was wrong and what to do instead. The tree::
     ├── TrainingError (ValueError)    a training call was misused (e.g. backward on a non-scalar)
     ├── PrecisionError (ValueError)   the device cannot run the requested mixed precision
     ├── CollectiveError (RuntimeError) a collective was given inputs the ranks disagree on
+    │   └── CollectiveMismatchError    ranks called different collectives (op, shapes, call site) or one left
     ├── MissingExtraError (ImportError) an optional dependency is not installed
     ├── CheckpointError (RuntimeError) a checkpoint cannot be written or read
     │   ├── CheckpointCorruptError     a file is missing, truncated or fails its checksum
-    │   └── CheckpointMismatchError    the checkpoint does not fit this run (objects, keys, world size)
+    │   ├── CheckpointMismatchError    the checkpoint does not fit this run (objects, keys, world size)
+    │   └── ResumeMismatchError        a resumed run would not continue where the saved one stopped
+    ├── ReplicaDivergenceError (RuntimeError) ranks' copies of replicated state differ
     ├── LaunchError (RuntimeError)    the launcher could not start or keep the workers
     └── DeviceMapError (ValueError)   a device map or memory budget is invalid
 
@@ -50,6 +53,13 @@ class CollectiveError(DistribError, RuntimeError):
     """The inputs of a collective do not agree across ranks (shapes, dtypes, structure)."""
 
 
+class CollectiveMismatchError(CollectiveError):
+    """Ranks reached different collectives (op, shapes, dtypes or call site), or one rank left the run.
+
+    Raised on every rank before the mismatched collective runs; the message is a table of each rank's op
+    and call site."""
+
+
 class MissingExtraError(DistribError, ImportError):
     """An optional dependency is missing; the message names the `pip install` that adds it."""
 
@@ -64,6 +74,16 @@ class CheckpointCorruptError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not fit the run loading it (number of objects, model keys, world size)."""
+
+
+class ResumeMismatchError(CheckpointError):
+    """After `load_state`, the run does not continue where the saved run would have: the next batch, the
+    learning rates, the optimizer step or the random state differ from what was recorded at save time."""
+
+
+class ReplicaDivergenceError(DistribError, RuntimeError):
+    """State that every rank should hold identically (replicated parameters, step counts, learning rates,
+    the loss scale) differs between ranks; the message names the first tensor, the ranks and the step."""
 
 
 class LaunchError(DistribError, RuntimeError):
