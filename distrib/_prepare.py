@@ -14,6 +14,7 @@ from ._data.prepare import prepare_dataloader
 from ._optim import PreparedOptimizer, PreparedScheduler
 from ._runtime import Runtime, current
 from .errors import PrepareError
+from .strategies import DataLoaderWrapper
 
 _SCHEDULER_TYPES: tuple[type, ...] = (torch.optim.lr_scheduler.LRScheduler,)
 if hasattr(torch.optim.lr_scheduler, "ReduceLROnPlateau"):
@@ -71,10 +72,12 @@ def prepare(*objects: Any) -> Any:
     # dataloaders first: a strategy may read their batch size when it builds the model (DeepSpeed "auto")
     loaders = [i for i, k in enumerate(kinds) if k == "dataloader"]
     seed = _shared_seed(runtime) if loaders else 0
-    wrap = getattr(runtime.strategy_module, "wrap_dataloader", None)  # optional strategy hook
+    strategy = runtime.strategy_module
     for i in loaders:
         loader = prepare_dataloader(runtime, objects[i], seed)
-        result[i] = wrap(runtime, loader) if wrap is not None else loader
+        result[i] = (
+            strategy.wrap_dataloader(runtime, loader) if isinstance(strategy, DataLoaderWrapper) else loader
+        )
         runtime.state.dataloaders.append(result[i])
     _prepare_training_objects(runtime, objects, kinds, result)
     return result[0] if len(result) == 1 else tuple(result)
@@ -89,7 +92,8 @@ def _prepare_training_objects(
     for i in idx["model"]:
         if i not in fresh_models:
             result[i] = objects[i]
-    _check_not_wrapped([objects[i] for i in fresh_models])
+    for i in fresh_models:
+        runtime.strategy_module.check_model(objects[i])
     if not (fresh_models or idx["optimizer"] or idx["scheduler"]):
         return
     models, optimizers, schedulers = runtime.strategy_module.prepare_training(
@@ -111,15 +115,6 @@ def _prepare_training_objects(
             scheduler if isinstance(scheduler, PreparedScheduler) else PreparedScheduler(scheduler, runtime)
         )
         state.schedulers.append(result[i])
-
-
-def _check_not_wrapped(models: list[torch.nn.Module]) -> None:
-    for model in models:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            raise PrepareError(
-                "prepare() got a model already wrapped in DistributedDataParallel; pass the plain module "
-                "(model.module) and let distrib wrap it."
-            )
 
 
 def _shared_seed(runtime: Runtime) -> int:

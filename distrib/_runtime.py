@@ -10,13 +10,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from ._settings import Settings
 from .errors import NoScopeError
+
+if TYPE_CHECKING:
+    from ._precision import PrecisionPlan
+    from .strategies import Strategy
+
+F = TypeVar("F", bound=Callable[[], Any])
 
 
 @dataclass(eq=False)
@@ -39,8 +44,9 @@ class TrainingState:
     load_hooks: list[Any] = field(default_factory=list)
     strategy_state: Any = None
     # per-run state of optional features (trackers, ...), and what to finish when the scope closes
+    # (`Runtime.call_on_close`; run last registered first, every one even when another raises)
     extensions: dict[str, Any] = field(default_factory=dict)
-    closers: list[Callable[[], None]] = field(default_factory=list)
+    closers: list[Callable[[], Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,7 +58,8 @@ class Runtime:
     """
 
     settings: Settings
-    strategy_module: ModuleType
+    strategy_module: Strategy
+    precision: PrecisionPlan
     rank: int
     local_rank: int
     world_size: int
@@ -65,6 +72,8 @@ class Runtime:
     collective_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     state: TrainingState = field(default_factory=TrainingState)
     owns_process_group: bool = False
+    #: which attempt of the job this is: 0 first, then one more per restart (`--max-restarts`, elastic)
+    restart_count: int = 0
 
     @property
     def strategy(self) -> str:
@@ -99,6 +108,24 @@ class Runtime:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Real optimizer steps taken so far (restored by `load_state`; accumulation micro-steps and fp16
+        steps skipped for inf/NaN gradients do not count)."""
+        return self.state.optimizer_steps
+
+    def call_on_close(self, fn: F) -> F:
+        """Run `fn()` when the scope closes, before the process group is torn down; returns `fn`, so it
+        also works as a decorator. Closers run last registered first, and every one runs even when another
+        raises (the first error is raised afterwards). Example::
+
+            with distributed() as ctx:
+                log = open("log.txt", "a")
+                ctx.call_on_close(log.close)
+        """
+        self.state.closers.append(fn)
+        return fn
 
     def __repr__(self) -> str:
         return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -15,7 +16,7 @@ from typing import Any, TypeVar, overload
 import torch
 import torch.distributed as dist
 
-from . import _precision, _runtime, strategies
+from . import _runtime, strategies
 from ._environment import read_environment, resolve_settings
 from ._runtime import Runtime, TrainingState
 from ._settings import Settings
@@ -29,7 +30,10 @@ class distributed:
 
     Settings come as keywords (see `Settings`) or as one `Settings` object. The scope that created the
     process group destroys it on exit; a scope nested in another reuses the outer group. Scopes are per
-    thread. Example::
+    thread. On exit, in this order: the functions given to `ctx.call_on_close` (last first), the strategy's
+    teardown, the process group (after a barrier when the block ended without an error). Every step runs
+    even when an earlier one raised, and a failure while the scope opens undoes what was already set up.
+    Example::
 
         with distributed(mixed_precision="bf16", gradient_accumulation_steps=4) as ctx:
             model, optimizer, loader = prepare(model, optimizer, loader)
@@ -48,23 +52,33 @@ class distributed:
             )
         self._code_values = _explicit_values(settings) if settings is not None else dict(kwargs)
         Settings.from_mapping(self._code_values)  # validate early, at the call site
-        self._runtime: Runtime | None = None
+        self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> Runtime:
-        if self._runtime is not None:
+        if self._stack is not None:
             raise SettingsError("this distributed(...) scope is already open; create a new one to re-enter.")
+        with contextlib.ExitStack() as stack:  # undoes what was set up when a later step fails
+            runtime = self._open(stack)
+            self._stack = stack.pop_all()
+        return runtime
+
+    def _open(self, stack: contextlib.ExitStack) -> Runtime:
+        """Set the run up step by step, registering each step's undo on `stack` as soon as it is done."""
         env = read_environment()
         settings, conflicts = resolve_settings(self._code_values, env)
         if conflicts and env.rank == 0:
             for message in conflicts:
-                warnings.warn(message, DistribWarning, stacklevel=2)
+                warnings.warn(message, DistribWarning, stacklevel=4)
         strategy = strategies.resolve(settings, env)
         device = strategy.choose_device(env, settings)
-        _precision.check_supported(settings.mixed_precision, device)
+        plan = strategy.precision_plan(settings, device)
         owns_group = strategy.init_process_group(env, settings, device)
+        if owns_group:
+            stack.push(_close_group)
         runtime = Runtime(
             settings=settings,
             strategy_module=strategy,
+            precision=plan,
             rank=env.rank,
             local_rank=env.local_rank,
             world_size=env.world_size,
@@ -76,11 +90,14 @@ class distributed:
             collective_device=strategy.collective_device(device),
             state=TrainingState(),
             owns_process_group=owns_group,
+            restart_count=env.restart_count,
         )
         runtime.state.strategy_state = strategy.setup(runtime)
-        runtime.state.scaler = _precision.make_scaler(runtime)
-        self._runtime = runtime
+        stack.callback(strategy.teardown, runtime)
+        runtime.state.scaler = plan.make_scaler() if plan.make_scaler is not None else None
         _runtime.push(runtime)
+        stack.callback(_runtime.pop, runtime)
+        stack.callback(_run_closers, runtime)
         if settings.seed is not None:
             from ._process import set_seed
 
@@ -90,16 +107,23 @@ class distributed:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        runtime, self._runtime = self._runtime, None
-        assert runtime is not None
-        try:
-            for close in reversed(runtime.state.closers):
-                close()
-        finally:
-            _runtime.pop(runtime)
-            runtime.strategy_module.teardown(runtime)
-        if runtime.owns_process_group:
-            close_process_group(clean=exc_type is None)
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        stack.__exit__(exc_type, exc, tb)
+
+
+def _run_closers(runtime: Runtime) -> None:
+    """Every closer registered with `call_on_close`, last first; each runs even when an earlier one raised."""
+    with contextlib.ExitStack() as closers:
+        for close in runtime.state.closers:
+            closers.callback(close)
+
+
+def _close_group(
+    exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+) -> bool:
+    close_process_group(clean=exc_type is None)
+    return False
 
 
 def close_process_group(*, clean: bool) -> None:
@@ -118,11 +142,11 @@ def close_process_group(*, clean: bool) -> None:
     itself). `destroy_process_group` does not stop these threads while something still holds the group (a
     DDP model does), so without the wait they can still be freeing collectives when the interpreter
     finalizes; CPython then ends such a thread inside a C++ destructor, and the process aborts. The
-    group's creator (`strategies._common.init_process_group`) put a marker object in this thread's torch
+    group's creator (`strategies._process_group.init_process_group`) put a marker object in this thread's torch
     state, so every collective of the scope holds it; the marker is released when the last of them has
     been freed, and the scope waits for that without holding the GIL (normally well under a millisecond).
     """
-    from .strategies._common import GROUP_MARKER_KEY
+    from .strategies._process_group import GROUP_MARKER_KEY
 
     initialized = dist.is_initialized()
     marker = None

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from . import strategies
 from ._precision import unscale_all
 from ._runtime import Runtime, TrainingState, current
 from .errors import TrainingError
+from .strategies import GradientSyncControl
 
 
 def backward(loss: torch.Tensor, **kwargs: Any) -> None:
@@ -98,7 +98,7 @@ class _Accumulate:
 @contextlib.contextmanager
 def _skip_sync(runtime: Runtime, models: Iterable[torch.nn.Module]) -> Iterator[None]:
     module = runtime.strategy_module
-    if not strategies.supports_no_sync(module):
+    if not isinstance(module, GradientSyncControl):
         yield
         return
     with contextlib.ExitStack() as stack:

@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 #: `LlamaDecoderLayer`, BERT `BertLayer`, T5 `T5Block`, ViT `ViTLayer`, ...)
 BLOCK_SUFFIXES = ("Block", "Layer")
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def build_mesh(options: FSDPOptions, world_size: int, local_world_size: int, device_type: str) -> DeviceMesh:
     """The device mesh for the sharding mode: 1-D for full/grad_op, replicate x shard for hybrid/no_shard."""
@@ -110,11 +108,12 @@ def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def mixed_precision_policy(mixed_precision: str, reduce_dtype: str | None) -> Any:
-    """FSDP2's `MixedPrecisionPolicy` for the run's `mixed_precision` (None when it is "no")."""
+def mixed_precision_policy(param: torch.dtype | None, reduce_dtype: str | None) -> Any:
+    """FSDP2's `MixedPrecisionPolicy` computing in `param` (the precision plan's dtype; None: float32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    param = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(mixed_precision)
+    from .._precision import NAMED_DTYPES
+
     if param is None:
         if reduce_dtype is not None:
             raise SettingsError(
@@ -122,7 +121,7 @@ def mixed_precision_policy(mixed_precision: str, reduce_dtype: str | None) -> An
                 "mixed_precision='no' gradients are reduced in float32. Drop reduce_dtype or set it."
             )
         return None
-    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=_DTYPES[reduce_dtype or "fp32"])
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=NAMED_DTYPES[reduce_dtype or "fp32"])
 
 
 def shard_model(

@@ -9,38 +9,25 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import _common
-from ._common import backward, choose_device, clip_grad_norm_, collective_device, init_process_group, teardown
-from ._replicated_checkpoint import (
-    CHECKPOINT_WORLD_SIZE_DEPENDENT,
-    full_state_dict,
-    load_training_state,
-    save_training_state,
-)
+from ._defaults import backward as backward
+from ._defaults import check_model as check_model
+from ._defaults import clip_grad_norm_ as clip_grad_norm_
+from ._defaults import place_model
+from ._defaults import precision_plan as precision_plan
+from ._defaults import setup as setup
+from ._defaults import teardown as teardown
+from ._process_group import choose_device as choose_device
+from ._process_group import collective_device as collective_device
+from ._process_group import init_process_group as init_process_group
+from ._replicated_checkpoint import CHECKPOINT_WORLD_SIZE_DEPENDENT as CHECKPOINT_WORLD_SIZE_DEPENDENT
+from ._replicated_checkpoint import full_state_dict as full_state_dict
+from ._replicated_checkpoint import load_training_state as load_training_state
+from ._replicated_checkpoint import save_training_state as save_training_state
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
 
 NAME = "ddp"
-__all__ = [
-    "CHECKPOINT_WORLD_SIZE_DEPENDENT",
-    "NAME",
-    "backward",
-    "choose_device",
-    "clip_grad_norm_",
-    "collective_device",
-    "full_state_dict",
-    "init_process_group",
-    "is_available",
-    "load_training_state",
-    "no_sync",
-    "prepare_training",
-    "save_training_state",
-    "setup",
-    "teardown",
-    "unavailable_reason",
-    "unwrap_model",
-]
 
 
 def is_available() -> bool:
@@ -51,13 +38,9 @@ def unavailable_reason() -> str:
     return "this build of torch has no torch.distributed support."
 
 
-def setup(runtime: Runtime) -> None:
-    return None
-
-
 def wrap(runtime: Runtime, model: torch.nn.Module) -> torch.nn.Module:
     """Place the model and wrap it in DistributedDataParallel (when there is more than one process)."""
-    model = _common.place_model(runtime, model)
+    model = place_model(runtime, model)
     if runtime.world_size == 1 or not any(p.requires_grad for p in model.parameters()):
         return model
     opts = runtime.settings.ddp

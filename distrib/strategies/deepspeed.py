@@ -28,45 +28,24 @@ import torch
 from torch import nn
 
 from .. import _precision
-from ..errors import PrepareError, SettingsError, TrainingError, missing_extra
-from . import _common, _deepspeed_config
-from ._common import collective_device, teardown
-from ._deepspeed_engine import (
-    CHECKPOINT_WORLD_SIZE_DEPENDENT,
-    EngineOptimizer,
-    full_state_dict,
-    load_training_state,
-    save_training_state,
-)
+from ..errors import PrecisionError, PrepareError, TrainingError, missing_extra
+from . import _deepspeed_config, _defaults, _process_group
+from ._deepspeed_engine import CHECKPOINT_WORLD_SIZE_DEPENDENT as CHECKPOINT_WORLD_SIZE_DEPENDENT
+from ._deepspeed_engine import EngineOptimizer
+from ._deepspeed_engine import full_state_dict as full_state_dict
+from ._deepspeed_engine import load_training_state as load_training_state
+from ._deepspeed_engine import save_training_state as save_training_state
+from ._defaults import check_model as check_model
+from ._defaults import teardown as teardown
+from ._process_group import collective_device as collective_device
 
 if TYPE_CHECKING:
     from .._environment import ProcessEnvironment
+    from .._precision import PrecisionPlan
     from .._runtime import Runtime
     from .._settings import Settings
 
 NAME = "deepspeed"
-__all__ = [
-    "CHECKPOINT_WORLD_SIZE_DEPENDENT",
-    "NAME",
-    "DeepSpeedState",
-    "EngineOptimizer",
-    "backward",
-    "choose_device",
-    "clip_grad_norm_",
-    "collective_device",
-    "engine_optimizer",
-    "full_state_dict",
-    "init_process_group",
-    "is_available",
-    "load_training_state",
-    "no_sync",
-    "prepare_training",
-    "save_training_state",
-    "setup",
-    "teardown",
-    "unavailable_reason",
-    "unwrap_model",
-]
 
 _PURPOSE = "strategy='deepspeed'"
 
@@ -100,12 +79,23 @@ def _import_deepspeed() -> Any:
 
 
 # CUDA by local rank when present, else the CPU (DeepSpeed's CPU accelerator, over gloo)
-choose_device = _common.choose_cuda_or_cpu
+choose_device = _process_group.choose_cuda_or_cpu
 
 
 def init_process_group(env: ProcessEnvironment, settings: Settings, device: torch.device) -> bool:
     """Create torch's group (one process included); DeepSpeed's communication layer adopts it."""
-    return _common.init_process_group_always(env, settings, device)
+    return _process_group.init_process_group_always(env, settings, device)
+
+
+def precision_plan(settings: Settings, device: torch.device) -> PrecisionPlan:
+    """DeepSpeed's engine holds the weights in the low-precision dtype (its "bf16"/"fp16" config, filled
+    from this plan) and scales fp16 losses itself; floating inputs are cast to that dtype, no autocast."""
+    if settings.mixed_precision == "fp16" and device.type == "cpu":
+        raise PrecisionError(
+            "DeepSpeed cannot train in fp16 on the CPU (its fp16 optimizer needs a GPU); use "
+            "mixed_precision='bf16', or strategy='ddp' for fp16 with loss scaling on the CPU."
+        )
+    return _precision.parameter_plan(settings.mixed_precision, device, scaler=None, cast_inputs=True)
 
 
 def setup(runtime: Runtime) -> DeepSpeedState:
@@ -115,11 +105,9 @@ def setup(runtime: Runtime) -> DeepSpeedState:
     compiler (about 30 s; cached under ~/.cache/torch_extensions afterwards).
     """
     deepspeed = _import_deepspeed()
-    if runtime.mixed_precision == "fp16" and runtime.device.type == "cpu":
-        raise SettingsError(  # _precision refuses it earlier too; kept for a direct Settings path
-            "DeepSpeed cannot train in fp16 on the CPU; use mixed_precision='bf16'."
-        )
-    deepspeed.init_distributed(dist_backend=_common.backend_for(runtime.device), dist_init_required=False)
+    deepspeed.init_distributed(
+        dist_backend=_process_group.backend_for(runtime.device), dist_init_required=False
+    )
     return DeepSpeedState()
 
 
@@ -170,7 +158,7 @@ def prepare_training(
     out_optimizers: list[Any] = []
     for i, model in enumerate(models):
         if i not in trained:
-            out_models.append(_common.place_model(runtime, model))
+            out_models.append(_place_frozen(runtime, model))
             continue
         engine = _build_engine(runtime, model, pairs.get(i), has_scheduler=bool(schedulers))
         out_models.append(engine)
@@ -179,12 +167,21 @@ def prepare_training(
     return out_models, out_optimizers, schedulers
 
 
+def _place_frozen(runtime: Runtime, model: nn.Module) -> nn.Module:
+    """A model without an optimizer gets no engine; it computes in the plan's dtype like the trained one."""
+    dtype = runtime.precision.param_dtype
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return _defaults.place_model(runtime, model)
+
+
 def _config_has_optimizer(runtime: Runtime) -> bool:
     return "optimizer" in _deepspeed_config.load_config(runtime.settings.deepspeed.config)
 
 
 def _build_engine(runtime: Runtime, model: nn.Module, optimizer: Any, *, has_scheduler: bool) -> Any:
     _check_materialized(model)
+    _precision.convert(runtime, model)
     config = _deepspeed_config.build_config(
         runtime.settings.deepspeed,
         runtime.settings,

@@ -19,44 +19,26 @@ import torch
 from torch import nn
 
 from .. import _precision
-from ..errors import PrepareError
-from . import _common, _fsdp_params, _fsdp_wrap
-from ._common import backward, collective_device, teardown
-from ._fsdp_checkpoint import (
-    CHECKPOINT_WORLD_SIZE_DEPENDENT,
-    full_state_dict,
-    load_training_state,
-    save_training_state,
-)
+from . import _defaults, _fsdp_params, _fsdp_wrap, _process_group
+from ._defaults import backward as backward
+from ._defaults import check_model as check_model
+from ._defaults import teardown as teardown
+from ._defaults import unwrap_model as unwrap_model
+from ._fsdp_checkpoint import CHECKPOINT_WORLD_SIZE_DEPENDENT as CHECKPOINT_WORLD_SIZE_DEPENDENT
+from ._fsdp_checkpoint import full_state_dict as full_state_dict
+from ._fsdp_checkpoint import load_training_state as load_training_state
+from ._fsdp_checkpoint import save_training_state as save_training_state
+from ._process_group import collective_device as collective_device
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
     from .._environment import ProcessEnvironment
+    from .._precision import PrecisionPlan
     from .._runtime import Runtime
     from .._settings import Settings
 
 NAME = "fsdp"
-__all__ = [
-    "CHECKPOINT_WORLD_SIZE_DEPENDENT",
-    "NAME",
-    "FSDPState",
-    "backward",
-    "choose_device",
-    "clip_grad_norm_",
-    "collective_device",
-    "full_state_dict",
-    "init_process_group",
-    "is_available",
-    "load_training_state",
-    "no_sync",
-    "prepare_training",
-    "save_training_state",
-    "setup",
-    "teardown",
-    "unavailable_reason",
-    "unwrap_model",
-]
 
 
 @dataclass(eq=False)
@@ -85,12 +67,25 @@ def unavailable_reason() -> str:
 
 
 # CUDA by local rank when present, else the CPU (FSDP does not run on MPS)
-choose_device = _common.choose_cuda_or_cpu
+choose_device = _process_group.choose_cuda_or_cpu
 
 
 def init_process_group(env: ProcessEnvironment, settings: Settings, device: torch.device) -> bool:
     """FSDP needs a process group even for one process (its device mesh is built on one)."""
-    return _common.init_process_group_always(env, settings, device)
+    return _process_group.init_process_group_always(env, settings, device)
+
+
+def precision_plan(settings: Settings, device: torch.device) -> PrecisionPlan:
+    """FSDP2 casts parameters to the plan's dtype (`MixedPrecisionPolicy`); autocast stays on around the
+    forward, because the policy casts only unit inputs: modules kept in float32 (batch norms, see
+    `_fsdp_wrap`) hand float32 activations to low-precision neighbours, and precision-sensitive ops
+    (softmax, norms, losses) stay float32 as under DDP. fp16 loss scaling must agree over the ranks, each
+    of which sees only its gradient shards: `ShardedGradScaler`."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return _precision.parameter_plan(
+        settings.mixed_precision, device, scaler=lambda: ShardedGradScaler(device.type), autocast=True
+    )
 
 
 def setup(runtime: Runtime) -> FSDPState:
@@ -114,28 +109,24 @@ def prepare_training(
         shard(runtime, model, state)
     for optimizer in optimizers:
         _fsdp_params.repoint_optimizer(optimizer, state.param_map)
-    _use_sharded_scaler(runtime)
     return models, optimizers, schedulers
 
 
 def shard(runtime: Runtime, model: nn.Module, state: FSDPState) -> nn.Module:
-    """Shard `model` in place with `fully_shard` (materialising it if it was built on meta)."""
-    if isinstance(model, torch.distributed.fsdp.FSDPModule):
-        raise PrepareError(
-            "prepare() got a model that fully_shard() already sharded; pass the plain module and let "
-            "distrib shard it (FSDPOptions chooses units, mixed precision and offload)."
-        )
+    """Shard `model` in place with `fully_shard` (materialising it if it was built on meta); the precision
+    plan's module conversion (fp8) comes first, as torchtitan orders it."""
     options = runtime.settings.fsdp
     layout = _fsdp_params.meta_layout(model)
     rank0_state = model.state_dict() if layout == "rank0" and runtime.rank == 0 else None
     if layout == "none" and runtime.settings.device_placement and not options.cpu_offload:
         model.to(runtime.device)
+    _precision.convert(runtime, model)
     before = _fsdp_params.names_by_id(model)
     _fsdp_wrap.shard_model(
         model,
         mesh=state.mesh,
         options=options,
-        mp_policy=_fsdp_wrap.mixed_precision_policy(runtime.mixed_precision, options.reduce_dtype),
+        mp_policy=_fsdp_wrap.mixed_precision_policy(runtime.precision.param_dtype, options.reduce_dtype),
         device_type=runtime.device.type,
     )
     if layout != "none":
@@ -143,17 +134,6 @@ def shard(runtime: Runtime, model: nn.Module, state: FSDPState) -> nn.Module:
         _fsdp_params.materialize(model, layout, device, rank0_state)
     _fsdp_params.update_param_map(state.param_map, before, model)
     return _precision.wrap_forward(runtime, model)
-
-
-def _use_sharded_scaler(runtime: Runtime) -> None:
-    """fp16: the inf check must agree over all ranks, since each one sees only its gradient shards."""
-    scaler = runtime.state.scaler
-    if scaler is None or runtime.state.optimizers:
-        return
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-    if not isinstance(scaler, ShardedGradScaler):
-        runtime.state.scaler = ShardedGradScaler(runtime.device.type)
 
 
 @contextlib.contextmanager
@@ -173,11 +153,6 @@ def clip_grad_norm_(
     runtime: Runtime, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float
 ) -> torch.Tensor:
     """Clip by the global norm over every rank's gradient shards; returns that norm (a plain tensor)."""
-    total = _common.clip_grad_norm_(runtime, parameters, max_norm, norm_type)
+    total = _defaults.clip_grad_norm_(runtime, parameters, max_norm, norm_type)
     full = getattr(total, "full_tensor", None)
     return full() if callable(full) else total
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's own module: FSDP2 shards in place, so the prepared model is that object."""
-    return model

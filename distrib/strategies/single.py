@@ -1,4 +1,4 @@
-"""One process, one device: place the model, add autocast, nothing to synchronise."""
+"""One process, one device: place the model, run it under the precision plan, nothing to synchronise."""
 
 from __future__ import annotations
 
@@ -7,14 +7,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import SettingsError
-from . import _common
-from ._common import backward, choose_device, clip_grad_norm_, collective_device, teardown
-from ._replicated_checkpoint import (
-    CHECKPOINT_WORLD_SIZE_DEPENDENT,
-    full_state_dict,
-    load_training_state,
-    save_training_state,
-)
+from ._defaults import backward as backward
+from ._defaults import check_model as check_model
+from ._defaults import clip_grad_norm_ as clip_grad_norm_
+from ._defaults import is_available as is_available
+from ._defaults import place_model
+from ._defaults import precision_plan as precision_plan
+from ._defaults import setup as setup
+from ._defaults import teardown as teardown
+from ._defaults import unavailable_reason as unavailable_reason
+from ._defaults import unwrap_model as unwrap_model
+from ._process_group import choose_device as choose_device
+from ._process_group import collective_device as collective_device
+from ._replicated_checkpoint import CHECKPOINT_WORLD_SIZE_DEPENDENT as CHECKPOINT_WORLD_SIZE_DEPENDENT
+from ._replicated_checkpoint import full_state_dict as full_state_dict
+from ._replicated_checkpoint import load_training_state as load_training_state
+from ._replicated_checkpoint import save_training_state as save_training_state
 
 if TYPE_CHECKING:
     from .._environment import ProcessEnvironment
@@ -22,32 +30,6 @@ if TYPE_CHECKING:
     from .._settings import Settings
 
 NAME = "single"
-__all__ = [
-    "CHECKPOINT_WORLD_SIZE_DEPENDENT",
-    "NAME",
-    "backward",
-    "choose_device",
-    "clip_grad_norm_",
-    "collective_device",
-    "full_state_dict",
-    "init_process_group",
-    "is_available",
-    "load_training_state",
-    "prepare_training",
-    "save_training_state",
-    "setup",
-    "teardown",
-    "unavailable_reason",
-    "unwrap_model",
-]
-
-
-def is_available() -> bool:
-    return True
-
-
-def unavailable_reason() -> str:
-    return ""
 
 
 def init_process_group(env: ProcessEnvironment, settings: Settings, device: torch.device) -> bool:
@@ -59,15 +41,7 @@ def init_process_group(env: ProcessEnvironment, settings: Settings, device: torc
     return False
 
 
-def setup(runtime: Runtime) -> None:
-    return None
-
-
 def prepare_training(
     runtime: Runtime, models: list[torch.nn.Module], optimizers: list[Any], schedulers: list[Any]
 ) -> tuple[list[torch.nn.Module], list[Any], list[Any]]:
-    return [_common.place_model(runtime, m) for m in models], optimizers, schedulers
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model
+    return [place_model(runtime, m) for m in models], optimizers, schedulers

@@ -24,8 +24,12 @@ from torch import nn
 
 from .._optim import PreparedOptimizer
 from ..errors import SettingsError, missing_extra
-from . import _common
-from ._common import backward, teardown
+from . import _defaults
+from ._defaults import backward as backward
+from ._defaults import check_model as check_model
+from ._defaults import precision_plan as precision_plan
+from ._defaults import teardown as teardown
+from ._defaults import unwrap_model as unwrap_model
 from ._xla_loader import XLADeviceLoader
 
 if TYPE_CHECKING:
@@ -35,27 +39,6 @@ if TYPE_CHECKING:
 
 NAME = "xla"
 CHECKPOINT_WORLD_SIZE_DEPENDENT = False
-__all__ = [
-    "CHECKPOINT_WORLD_SIZE_DEPENDENT",
-    "NAME",
-    "XLADeviceLoader",
-    "XLAOptimizer",
-    "backward",
-    "choose_device",
-    "clip_grad_norm_",
-    "collective_device",
-    "full_state_dict",
-    "init_process_group",
-    "is_available",
-    "load_training_state",
-    "prepare_training",
-    "save_training_state",
-    "setup",
-    "teardown",
-    "unavailable_reason",
-    "unwrap_model",
-    "wrap_dataloader",
-]
 
 _PURPOSE = "strategy='xla'"
 _STATE_FILE = "xla_training_state.pt"
@@ -176,7 +159,7 @@ def prepare_training(
     runtime: Runtime, models: list[nn.Module], optimizers: list[Any], schedulers: list[Any]
 ) -> tuple[list[nn.Module], list[Any], list[Any]]:
     """Place models on the XLA device; optimizers all-reduce gradients when they step."""
-    models = [_common.place_model(runtime, m) for m in models]
+    models = [_defaults.place_model(runtime, m) for m in models]
     return models, [XLAOptimizer(o, runtime) for o in optimizers], schedulers
 
 
@@ -195,11 +178,7 @@ def clip_grad_norm_(
         for optimizer in runtime.state.optimizers:
             xm.reduce_gradients(getattr(optimizer, "optimizer", optimizer))
         state.gradients_reduced = True
-    return _common.clip_grad_norm_(runtime, parameters, max_norm, norm_type)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    return model
+    return _defaults.clip_grad_norm_(runtime, parameters, max_norm, norm_type)
 
 
 def save_training_state(runtime: Runtime, directory: Path) -> None:

@@ -28,6 +28,7 @@ def as_rank(rank: int, world_size: int = 2, local_rank: int | None = None) -> It
     runtime = Runtime(
         settings=Settings(),
         strategy_module=single,
+        precision=single.precision_plan(Settings(), torch.device("cpu")),
         rank=rank,
         local_rank=rank if local_rank is None else local_rank,
         world_size=world_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import warnings
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import distrib
-from distrib import Settings, current, distributed, distributed_main
+from distrib import Settings, backward, current, distributed, distributed_main, prepare
 from distrib.errors import NoScopeError, PrecisionError, SettingsError
 
 
@@ -99,10 +100,29 @@ def test_invalid_setting_fails_at_the_call_site():
         distributed(mixed_precision="half")
 
 
-def test_fp16_on_cpu_is_a_clear_error():
+def test_fp16_on_cpu_autocasts_and_scales_the_loss():
+    torch.manual_seed(0)
+    with distributed(mixed_precision="fp16", cpu=True) as ctx:
+        assert ctx.precision.autocast_dtype == torch.float16
+        assert isinstance(ctx.state.scaler, torch.amp.GradScaler) and ctx.state.scaler.is_enabled()
+        model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        seen = []  # the dtype inside the forward (the prepared model casts its outputs back to float32)
+        model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        model, optimizer = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        before = model[0].weight.detach().clone()
+        out = model(torch.randn(3, 4))
+        backward(out.square().mean())
+        optimizer.step()
+    assert seen == [torch.float16], "the forward must run under fp16 autocast"
+    assert out.dtype == torch.float32, "outputs come back in float32"
+    assert not torch.equal(before, model[0].weight.detach()), "the scaled step must update the weights"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+def test_fp16_under_deepspeed_on_cpu_is_a_clear_error():
     with (
         pytest.raises(PrecisionError, match="mixed_precision='bf16'"),
-        distributed(mixed_precision="fp16", cpu=True),
+        distributed(strategy="deepspeed", mixed_precision="fp16", cpu=True),
     ):
         pass
 

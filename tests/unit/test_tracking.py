@@ -32,6 +32,7 @@ def as_rank(rank: int, world_size: int = 2, **settings: Any) -> Iterator[Runtime
     runtime = Runtime(
         settings=Settings(**settings),
         strategy_module=single,
+        precision=single.precision_plan(Settings(**settings), torch.device("cpu")),
         rank=rank,
         local_rank=rank,
         world_size=world_size,

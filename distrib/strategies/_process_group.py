@@ -1,20 +1,16 @@
-"""Pieces shared by the strategies that run on torch.distributed process groups (single, DDP, FSDP)."""
+"""Process-group plumbing of the strategies that run on torch.distributed: device choice, backend, group."""
 
 from __future__ import annotations
 
 import datetime
 import itertools
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from .. import _precision
-
 if TYPE_CHECKING:
     from .._environment import ProcessEnvironment
-    from .._runtime import Runtime
     from .._settings import Settings
 
 
@@ -117,30 +113,3 @@ def init_process_group_always(env: ProcessEnvironment, settings: Settings, devic
         timeout=datetime.timedelta(seconds=settings.timeout),
     )
     return True
-
-
-def backward(runtime: Runtime, loss: torch.Tensor, **kwargs: Any) -> None:
-    """`loss.backward()`, through the gradient scaler when fp16 needs one."""
-    scaler = runtime.state.scaler
-    if scaler is not None:
-        loss = scaler.scale(loss)
-    loss.backward(**kwargs)
-
-
-def clip_grad_norm_(
-    runtime: Runtime, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float
-) -> torch.Tensor:
-    """torch's clip, after un-scaling fp16 gradients so the threshold applies to the true norm."""
-    _precision.unscale_all(runtime)
-    return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type)
-
-
-def place_model(runtime: Runtime, model: torch.nn.Module) -> torch.nn.Module:
-    """Move the model to the run's device (when device placement is on) and add autocast."""
-    if runtime.settings.device_placement:
-        model = model.to(runtime.device)
-    return _precision.wrap_forward(runtime, model)
-
-
-def teardown(runtime: Runtime) -> None:
-    """Nothing to release beyond the process group, which the scope owns."""
