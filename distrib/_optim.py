@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import _guards
+
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
@@ -23,8 +25,19 @@ class PreparedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, runtime: Runtime) -> None:
         # deliberately no super().__init__: the wrapped optimizer owns the parameter groups and state
         self.optimizer = optimizer
+        self._runtime = runtime
         self._training = runtime.state
         self._scaler = runtime.state.scaler
+        self._checks_pending = 2  # the first call, then the first call that closes a window
+
+    def _first_steps(self) -> None:
+        """The once-per-run checks of `_guards` (misuse that would otherwise train silently wrong)."""
+        if self._checks_pending == 2:
+            _guards.first_step(self._runtime, self)
+            self._checks_pending = 1
+        if self._training.sync_gradients:
+            _guards.first_real_step(self._runtime)
+            self._checks_pending = 0
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -51,6 +64,8 @@ class PreparedOptimizer(torch.optim.Optimizer):
         self.optimizer.defaults = value
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        if self._checks_pending:
+            self._first_steps()
         if not self._training.sync_gradients:
             return None
         if self._scaler is None:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import _precision
+from . import _guards, _precision
 from ._data.loader import PreparedDataLoader
 from ._data.prepare import prepare_dataloader
 from ._optim import PreparedOptimizer, PreparedScheduler
@@ -96,12 +96,13 @@ def _prepare_training_objects(
         runtime.strategy_module.check_model(objects[i])
     if not (fresh_models or idx["optimizer"] or idx["scheduler"]):
         return
+    raw_models = [objects[i] for i in fresh_models]
+    before = _guards.parameters_before(raw_models)
     models, optimizers, schedulers = runtime.strategy_module.prepare_training(
-        runtime,
-        [objects[i] for i in fresh_models],
-        [objects[i] for i in idx["optimizer"]],
-        [objects[i] for i in idx["scheduler"]],
+        runtime, raw_models, [objects[i] for i in idx["optimizer"]], [objects[i] for i in idx["scheduler"]]
     )
+    _guards.record_replaced(runtime, before, models)
+    _guards.watch_unprepared_optimizers(runtime)
     for i, model in zip(fresh_models, models):
         result[i] = model
         state.models.append(model)

@@ -39,6 +39,9 @@ class TrainingState:
     schedulers: list[Any] = field(default_factory=list)
     dataloaders: list[Any] = field(default_factory=list)
     scaler: Any = None
+    # for the first-step checks (`_guards.py`): parameters strategies replaced, and whether backward() ran
+    retired_params: dict[int, Any] = field(default_factory=dict)
+    used_backward: bool = False
     custom_objects: list[Any] = field(default_factory=list)
     save_hooks: list[Any] = field(default_factory=list)
     load_hooks: list[Any] = field(default_factory=list)

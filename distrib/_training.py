@@ -29,7 +29,9 @@ def backward(loss: torch.Tensor, **kwargs: Any) -> None:
             f"backward() needs a scalar loss, got a tensor of shape {tuple(loss.shape)}; reduce it first "
             "(e.g. loss.mean()), or pass gradient=... for a non-scalar backward."
         )
-    window = runtime.state.window_size
+    state = runtime.state
+    state.used_backward = True
+    window = state.window_size
     if window > 1:
         loss = loss / window
     runtime.strategy_module.backward(runtime, loss, **kwargs)

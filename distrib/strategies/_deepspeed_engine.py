@@ -42,6 +42,8 @@ class EngineOptimizer(PreparedOptimizer):
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         if closure is not None:
             raise TrainingError("optimizer.step(closure) is not supported under DeepSpeed; call step().")
+        if self._checks_pending:
+            self._first_steps()
         if not self._training.sync_gradients:
             return None
         self.engine.step()

@@ -107,7 +107,9 @@ def prepare_training(
     state = _state(runtime)
     for model in models:
         shard(runtime, model, state)
-    for optimizer in optimizers:
+    # optimizers prepared in an earlier call too: prepare(optimizer) may come before prepare(model)
+    earlier = [getattr(o, "optimizer", o) for o in runtime.state.optimizers]
+    for optimizer in [*optimizers, *earlier]:
         _fsdp_params.repoint_optimizer(optimizer, state.param_map)
     return models, optimizers, schedulers
 

@@ -122,11 +122,9 @@ class XLAOptimizer(PreparedOptimizer):
     optimizer.step()                                  # xm.optimizer_step(...); torch_xla.sync()
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, runtime: Runtime) -> None:
-        super().__init__(optimizer, runtime)
-        self._runtime = runtime
-
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        if self._checks_pending:
+            self._first_steps()
         if not self._training.sync_gradients:
             return None
         xm = _xm()

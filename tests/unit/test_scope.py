@@ -191,3 +191,34 @@ def test_scope_exit_finishes_what_the_run_started(tmp_path):
     assert finished == ["custom"]
     assert "tracking" not in ctx.state.extensions, "trackers are finished when the scope closes"
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_a_closer_that_raises_skips_neither_the_others_nor_the_group_teardown():
+    import torch.distributed as dist
+
+    ran = []
+
+    def broken() -> None:
+        ran.append("broken")
+        raise RuntimeError("closer failed")
+
+    with pytest.raises(RuntimeError, match="closer failed"), distributed(strategy="fsdp", cpu=True) as ctx:
+        assert dist.is_initialized()
+        ctx.call_on_close(lambda: ran.append("first"))
+        ctx.call_on_close(broken)
+        ctx.call_on_close(lambda: ran.append("last"))
+    assert ran == ["last", "broken", "first"]
+    assert not dist.is_initialized(), "the scope's process group must be destroyed anyway"
+    with pytest.raises(NoScopeError):
+        current()
+
+
+def test_a_failing_strategy_setup_leaves_no_process_group_behind():
+    import torch.distributed as dist
+
+    opened = distributed(strategy="fsdp", cpu=True, fsdp={"sharding": "hybrid", "hybrid_shard_size": 3})
+    with pytest.raises(SettingsError, match="multiple of the shard group size"), opened:
+        pass
+    assert not dist.is_initialized(), "a group created before setup failed must not leak to the next scope"
+    with distributed(cpu=True) as ctx:  # the next scope starts clean and owns what it creates
+        assert ctx.world_size == 1
