@@ -42,6 +42,7 @@ class TrainingState:
     # for the first-step checks (`_guards.py`): parameters strategies replaced, and whether backward() ran
     retired_params: dict[int, Any] = field(default_factory=dict)
     used_backward: bool = False
+    closing_backwards: int = 0  # backward() calls that closed a window (the replica check's clock)
     custom_objects: list[Any] = field(default_factory=list)
     save_hooks: list[Any] = field(default_factory=list)
     load_hooks: list[Any] = field(default_factory=list)

@@ -46,7 +46,7 @@ class Settings:
     project_dir: str | None = None
     total_limit: int | None = None
     background_saves: bool = False
-    check_replicas_every: int | None = None
+    check_replicas_every: int | None = 1000
     straggler_report_every: int | None = None
     preemption_exit_code: int = 75
     ddp: DDPOptions = field(default_factory=DDPOptions)

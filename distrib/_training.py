@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from . import _replicas
 from ._precision import unscale_all
 from ._runtime import Runtime, TrainingState, current
 from .errors import TrainingError
@@ -31,10 +32,26 @@ def backward(loss: torch.Tensor, **kwargs: Any) -> None:
         )
     state = runtime.state
     state.used_backward = True
+    if state.sync_gradients and runtime.settings.check_replicas_every:
+        _check_replicas(runtime)
     window = state.window_size
     if window > 1:
         loss = loss / window
     runtime.strategy_module.backward(runtime, loss, **kwargs)
+
+
+def _check_replicas(runtime: Runtime) -> None:
+    """Every `check_replicas_every` windows, at the backward that closes the window: every rank passes here
+    at the same point of its collective sequence (a rank that skipped `optimizer.step()` did not skip its
+    backward), so the check never deadlocks on the very divergence it looks for."""
+    state = runtime.state
+    completed = (
+        state.closing_backwards
+    )  # windows finished before this one (N optimizer steps, if none skipped)
+    state.closing_backwards += 1
+    every = runtime.settings.check_replicas_every or 1
+    if runtime.world_size > 1 and completed and completed % every == 0:
+        _replicas.check(runtime, completed)
 
 
 def _window_size(state: TrainingState, steps: int) -> int:

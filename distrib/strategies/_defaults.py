@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import _precision
+from .. import _precision, _replicas
 from ..errors import PrepareError
 
 if TYPE_CHECKING:
@@ -84,6 +84,11 @@ def clip_grad_norm_(
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model itself (strategies that wrap override this)."""
     return model
+
+
+def replicated_tensors(runtime: Runtime) -> Iterable[tuple[str, torch.Tensor]]:
+    """Every rank holds the whole model: all its parameters and buffers (batch-norm statistics aside)."""
+    return _replicas.model_tensors(runtime)
 
 
 def place_model(runtime: Runtime, model: torch.nn.Module) -> torch.nn.Module:

@@ -50,6 +50,25 @@ def meta_layout(model: nn.Module) -> MetaLayout:
     )
 
 
+def sync_initial_weights(model: nn.Module, device: torch.device) -> bool:
+    """Give every rank rank 0's weights before sharding, as DDP does when it wraps a model: each rank
+    shards its own copy, so copies initialised with different seeds would make a model of mismatched
+    pieces. Digests are compared first (one small all-gather); tensors move only when they differ.
+    Returns whether anything was broadcast."""
+    from .._replicas import tensor_digest
+
+    tensors = [*model.parameters(), *model.buffers()]
+    local = torch.tensor([v for t in tensors for v in tensor_digest(t)], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, local)
+    if all(torch.equal(other, local) for other in everyone):
+        return False
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
+    return True
+
+
 def names_by_id(model: nn.Module) -> dict[int, tuple[weakref.ref[nn.Parameter], str]]:
     """Every parameter of `model` (tied ones under each name), keyed by object id."""
     return {id(p): (weakref.ref(p), name) for name, p in model.named_parameters(remove_duplicate=False)}

@@ -14,6 +14,7 @@ from ._defaults import check_model as check_model
 from ._defaults import clip_grad_norm_ as clip_grad_norm_
 from ._defaults import place_model
 from ._defaults import precision_plan as precision_plan
+from ._defaults import replicated_tensors as replicated_tensors
 from ._defaults import setup as setup
 from ._defaults import teardown as teardown
 from ._process_group import choose_device as choose_device

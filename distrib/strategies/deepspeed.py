@@ -308,6 +308,14 @@ def _adopt_clipping(engine: Any, max_norm: float) -> float:
     return float(engine.gradient_clipping())
 
 
+def replicated_tensors(runtime: Runtime) -> Iterable[tuple[str, torch.Tensor]]:
+    """The module's weights under ZeRO 0-2 (every rank holds them whole); none under ZeRO-3 (partitioned)."""
+    engines = _state(runtime).engines
+    if any(engine.zero_optimization_partition_weights() for engine in engines):
+        return ()
+    return _defaults.replicated_tensors(runtime)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's module inside a DeepSpeed engine (`engine.module`)."""
     deepspeed = sys.modules.get("deepspeed")

@@ -122,6 +122,8 @@ def shard(runtime: Runtime, model: nn.Module, state: FSDPState) -> nn.Module:
     rank0_state = model.state_dict() if layout == "rank0" and runtime.rank == 0 else None
     if layout == "none" and runtime.settings.device_placement and not options.cpu_offload:
         model.to(runtime.device)
+    if layout == "none" and runtime.world_size > 1:
+        _fsdp_params.sync_initial_weights(model, runtime.collective_device)
     _precision.convert(runtime, model)
     before = _fsdp_params.names_by_id(model)
     _fsdp_wrap.shard_model(
@@ -149,6 +151,11 @@ def no_sync(runtime: Runtime, model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def replicated_tensors(runtime: Runtime) -> Iterable[tuple[str, torch.Tensor]]:
+    """None: every rank holds different shards; FSDP's own collectives keep the whole consistent."""
+    return ()
 
 
 def clip_grad_norm_(

@@ -13,6 +13,7 @@ from ._defaults import clip_grad_norm_ as clip_grad_norm_
 from ._defaults import is_available as is_available
 from ._defaults import place_model
 from ._defaults import precision_plan as precision_plan
+from ._defaults import replicated_tensors as replicated_tensors
 from ._defaults import setup as setup
 from ._defaults import teardown as teardown
 from ._defaults import unavailable_reason as unavailable_reason

@@ -28,6 +28,7 @@ from . import _defaults
 from ._defaults import backward as backward
 from ._defaults import check_model as check_model
 from ._defaults import precision_plan as precision_plan
+from ._defaults import replicated_tensors as replicated_tensors
 from ._defaults import teardown as teardown
 from ._defaults import unwrap_model as unwrap_model
 from ._xla_loader import XLADeviceLoader

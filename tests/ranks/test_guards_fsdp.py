@@ -47,3 +47,17 @@ def test_a_stale_optimizer_under_fsdp_fails_on_every_rank():
 def test_an_optimizer_prepared_before_its_model_is_repointed_and_trains():
     moved = run_ranks(_optimizer_prepared_first, 2, timeout=240)
     assert all(m > 1e-4 for m in moved), moved
+
+
+def _differently_seeded() -> list[float]:
+    with distributed(strategy="fsdp", cpu=True) as ctx:
+        torch.manual_seed(ctx.rank)  # each rank initialises its own copy differently
+        model = prepare(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)))
+        return [float(v) for p in model.parameters() for v in p.detach().full_tensor().reshape(-1)[:4]]
+
+
+def test_fsdp_shards_rank_0s_initial_weights_like_ddp():
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    expected = [float(v) for p in reference.parameters() for v in p.detach().reshape(-1)[:4]]
+    assert run_ranks(_differently_seeded, 2, timeout=240) == [expected, expected]
