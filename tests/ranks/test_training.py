@@ -100,12 +100,16 @@ def _bf16_worker() -> dict:
     from distrib import autocast, distributed, prepare, unwrap_model
 
     with distributed(mixed_precision="bf16") as ctx:
-        model = prepare(torch.nn.Linear(4, 4))
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        inside: list[torch.dtype] = []  # the dtype inside the forward: outputs are cast back to float32
+        net[0].register_forward_hook(lambda module, args, output: inside.append(output.dtype))
+        model = prepare(net)
         out = model(torch.randn(2, 4))
         with autocast():
             inner = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(4, 4))
         plain = unwrap_model(model, keep_autocast=False)
-        return {"out": out.dtype, "inner": inner.dtype, "plain": plain(torch.randn(2, 4)).dtype,
+        plain_out = plain(torch.randn(2, 4))
+        return {"out": out.dtype, "forward": inside, "inner": inner.dtype, "plain": plain_out.dtype,
                 "strategy": ctx.strategy}  # fmt: skip
 
 
@@ -113,6 +117,7 @@ def test_bf16_autocast_with_fp32_outputs_on_two_processes():
     for out in run_ranks(_bf16_worker, 2, timeout=60):
         assert out == {
             "out": torch.float32,
+            "forward": [torch.bfloat16, torch.float32],  # prepared: autocast; unwrapped: none
             "inner": torch.bfloat16,
             "plain": torch.float32,
             "strategy": "ddp",
