@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "Settings": "_settings",
     "DDPOptions": "_options",
     "FSDPOptions": "_options",
+    "CompileOptions": "_options",
     "DeepSpeedOptions": "_options",
     "XLAOptions": "_options",
     # training
@@ -38,6 +39,8 @@ _EXPORTS: dict[str, str] = {
     "backward": "_training",
     "accumulate": "_training",
     "no_sync": "_training",
+    "trigger_sync_in_backward": "_training",
+    "join_uneven_inputs": "_training",
     "clip_grad_norm_": "_training",
     "clip_grad_value_": "_training",
     "optimizer_step_was_skipped": "_training",
@@ -134,7 +137,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._data.loader import skip_first_batches
     from ._launch.notebook import debug_launcher, notebook_launcher
     from ._logging import get_logger
-    from ._options import DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
+    from ._options import CompileOptions, DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
     from ._precision import autocast
     from ._prepare import prepare, unwrap_model
     from ._process import (
@@ -169,8 +172,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         backward,
         clip_grad_norm_,
         clip_grad_value_,
+        join_uneven_inputs,
         no_sync,
         optimizer_step_was_skipped,
+        trigger_sync_in_backward,
     )
     from .big_modeling import (
         LoadReport,

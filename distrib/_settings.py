@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import _validation
-from ._options import DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
+from ._options import CompileOptions, DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
 from .errors import SettingsError
 
 StrategyName = Literal["auto", "single", "ddp", "fsdp", "deepspeed", "xla"]
@@ -41,6 +41,8 @@ class Settings:
     cpu: bool = False
     seed: int | None = None
     dispatch_batches: bool | None = None
+    sync_each_batch: bool = False
+    compile: bool | CompileOptions = False
     timeout: float = 1800.0
     stall_timeout: float | None = 300.0
     project_dir: str | None = None

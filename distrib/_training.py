@@ -98,7 +98,7 @@ class _Accumulate:
         loader = state.active_dataloader
         at_end = loader is not None and getattr(loader, "end_of_dataloader", False)
         state.sync_gradients = sync = state.micro_step >= state.window_size or at_end
-        if not sync and self._models:
+        if not sync and self._models and not runtime.settings.sync_each_batch:
             self._skip = _skip_sync(runtime, self._models)
             self._skip.__enter__()
 
@@ -123,6 +123,64 @@ def _skip_sync(runtime: Runtime, models: Iterable[torch.nn.Module]) -> Iterator[
     with contextlib.ExitStack() as stack:
         for model in models:
             stack.enter_context(module.no_sync(runtime, model))
+        yield
+
+
+@contextlib.contextmanager
+def trigger_sync_in_backward(model: torch.nn.Module) -> Iterator[None]:
+    """Synchronise gradients in the backward passes of the block, even on an accumulation micro-step
+    (inside `accumulate()` or `no_sync()`), e.g. to free memory or to read reduced gradients early.
+
+    Use `sync_each_batch=True` to do it on every micro-batch. Not available under DeepSpeed, which reduces
+    on its own schedule. Example::
+
+        with accumulate(model):
+            loss = loss_fn(model(x), y)
+            with trigger_sync_in_backward(model):
+                backward(loss)
+    """
+    runtime = current("trigger_sync_in_backward")
+    module = runtime.strategy_module
+    if runtime.world_size == 1 or not isinstance(module, GradientSyncControl):
+        yield
+        return
+    with module.sync_now(runtime, model):
+        yield
+
+
+@contextlib.contextmanager
+def join_uneven_inputs(models: torch.nn.Module | Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Let ranks with fewer batches finish early without hanging the others (torch's DDP `Join`).
+
+    With `even_batches=False` the last batches are not padded, so ranks may see different numbers of
+    batches; inside this block a rank that ran out shadows the others' gradient all-reduces until every
+    rank is done. Works for models prepared under DDP (`strategy="ddp"`); other strategies need
+    `even_batches=True`. Example::
+
+        with distributed(even_batches=False):
+            model, optimizer, loader = prepare(model, optimizer, loader)
+            with join_uneven_inputs(model):
+                for x, y in loader:
+                    backward(loss_fn(model(x), y))
+                    optimizer.step()
+                    optimizer.zero_grad()
+    """
+    runtime = current("join_uneven_inputs")
+    listed = [models] if isinstance(models, torch.nn.Module) else list(models)
+    if runtime.world_size == 1:
+        yield
+        return
+    from torch.distributed.algorithms.join import Join, Joinable
+
+    joinables: list[Joinable] = [m for m in listed if isinstance(m, Joinable)]
+    if runtime.strategy != "ddp" or not joinables:
+        raise TrainingError(
+            f"join_uneven_inputs() needs models prepared under strategy='ddp' (torch's Join works with "
+            f"DistributedDataParallel), but this run uses {runtime.strategy!r} and got "
+            f"{', '.join(type(m).__name__ for m in listed) or 'no model'}. Keep even_batches=True (the "
+            "default) so every rank sees the same number of batches."
+        )
+    with Join(joinables):
         yield
 
 

@@ -88,6 +88,10 @@ class GradientSyncControl(Protocol):
     def no_sync(
         self, runtime: Runtime, model: torch.nn.Module
     ) -> contextlib.AbstractContextManager[None]: ...
+    def sync_now(self, runtime: Runtime, model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Synchronise the gradients of backward passes in the block even inside `no_sync` (for
+        `trigger_sync_in_backward`, after forward passes that ran under `no_sync`)."""
+        ...
 
 
 @runtime_checkable

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import _precision, _replicas
+from .. import _compile, _precision, _replicas
 from ..errors import PrepareError
 
 if TYPE_CHECKING:
@@ -92,9 +92,10 @@ def replicated_tensors(runtime: Runtime) -> Iterable[tuple[str, torch.Tensor]]:
 
 
 def place_model(runtime: Runtime, model: torch.nn.Module) -> torch.nn.Module:
-    """Convert (fp8), move the model to the run's device (when device placement is on), add the plan's
-    forward."""
+    """Convert (fp8), move the model to the run's device (when device placement is on), compile it (the
+    `compile` setting), add the plan's forward."""
     _precision.convert(runtime, model)
     if runtime.settings.device_placement:
         model = model.to(runtime.device)
+    _compile.apply(runtime, model)
     return _precision.wrap_forward(runtime, model)

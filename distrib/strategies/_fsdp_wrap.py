@@ -1,8 +1,8 @@
 """FSDP2 building blocks: the device mesh, the choice of FSDP units, and `fully_shard` over a model.
 
 Each function takes the model and small option values and does one thing, in the order `shard_model`
-applies them: activation checkpointing on the units, `fully_shard` bottom-up (units, then the root), then
-`torch.compile` per unit. Activation checkpointing uses torch's composable `checkpoint`, which keeps the
+applies them (torchtitan's): activation checkpointing on the units, `torch.compile` (the caller's
+`compile_units`), then `fully_shard` bottom-up (units, then the root). Activation checkpointing uses torch's composable `checkpoint`, which keeps the
 parameter names (no `_checkpoint_wrapped_module.` prefixes), so state dicts stay those of the user's model.
 """
 
@@ -131,13 +131,17 @@ def shard_model(
     options: FSDPOptions,
     mp_policy: Any,
     device_type: str,
+    compile_units: Callable[[nn.Module, list[nn.Module]], None] | None = None,
 ) -> list[nn.Module]:
-    """Apply activation checkpointing, `fully_shard` and `torch.compile`; return the units."""
+    """Apply activation checkpointing, `compile_units(model, units)` (torch.compile, before sharding as in
+    torchtitan), then `fully_shard`; return the units."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     units = find_units(model, options)
     if options.activation_checkpointing:
         apply_activation_checkpointing(units)
+    if compile_units is not None:
+        compile_units(model, units)
     kwargs: dict[str, Any] = {
         "mesh": mesh,
         "offload_policy": (
@@ -153,9 +157,6 @@ def shard_model(
         fully_shard(unit, reshard_after_forward=reshard, **kwargs)
     # the root's parameters are needed again at once in backward: never re-shard them after forward
     fully_shard(model, reshard_after_forward=False, **kwargs)
-    if options.compile:
-        for unit in units or [model]:
-            unit.compile()
     return units
 
 

@@ -74,5 +74,21 @@ def no_sync(runtime: Runtime, model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def sync_now(runtime: Runtime, model: torch.nn.Module) -> Iterator[None]:
+    """All-reduce in the next backward although the forward ran under `no_sync`: DDP prepares its reducer
+    in the forward, so it is prepared here for a backward over every parameter."""
+    if not isinstance(model, DistributedDataParallel):
+        yield
+        return
+    saved = model.require_backward_grad_sync
+    model.require_backward_grad_sync = True
+    model.reducer.prepare_for_backward([])
+    try:
+        yield
+    finally:
+        model.require_backward_grad_sync = saved
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model

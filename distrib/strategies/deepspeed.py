@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .. import _precision
+from .. import _compile, _precision
 from ..errors import PrecisionError, PrepareError, TrainingError, missing_extra
 from . import _deepspeed_config, _defaults, _process_group
 from ._deepspeed_engine import CHECKPOINT_WORLD_SIZE_DEPENDENT as CHECKPOINT_WORLD_SIZE_DEPENDENT
@@ -182,6 +182,7 @@ def _config_has_optimizer(runtime: Runtime) -> bool:
 def _build_engine(runtime: Runtime, model: nn.Module, optimizer: Any, *, has_scheduler: bool) -> Any:
     _check_materialized(model)
     _precision.convert(runtime, model)
+    _compile.apply(runtime, model)
     config = _deepspeed_config.build_config(
         runtime.settings.deepspeed,
         runtime.settings,
@@ -273,6 +274,17 @@ def no_sync(runtime: Runtime, model: nn.Module) -> Iterator[None]:
         yield
     finally:
         state.no_sync_depth -= 1
+
+
+@contextlib.contextmanager
+def sync_now(runtime: Runtime, model: nn.Module) -> Iterator[None]:
+    """DeepSpeed reduces gradients on its own schedule, at the accumulation boundary only."""
+    raise TrainingError(
+        "trigger_sync_in_backward() is not available under DeepSpeed, which reduces gradients at the end "
+        "of each accumulation window only (ZeRO owns the gradient buffers); drop it, or use strategy='ddp' "
+        "or 'fsdp' (or sync_each_batch=True there)."
+    )
+    yield  # pragma: no cover - a generator, for the contextmanager decorator
 
 
 def clip_grad_norm_(

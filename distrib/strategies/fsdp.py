@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .. import _precision
+from .. import _compile, _precision
 from . import _defaults, _fsdp_params, _fsdp_wrap, _process_group
 from ._defaults import backward as backward
 from ._defaults import check_model as check_model
@@ -131,6 +131,7 @@ def shard(runtime: Runtime, model: nn.Module, state: FSDPState) -> nn.Module:
         mesh=state.mesh,
         options=options,
         mp_policy=_fsdp_wrap.mixed_precision_policy(runtime.precision.param_dtype, options.reduce_dtype),
+        compile_units=lambda root, units: _compile.apply(runtime, root, units),
         device_type=runtime.device.type,
     )
     if layout != "none":
@@ -151,6 +152,20 @@ def no_sync(runtime: Runtime, model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def sync_now(runtime: Runtime, model: nn.Module) -> Iterator[None]:
+    """Reduce-scatter in the backward passes of the block, inside `no_sync` too."""
+    if not isinstance(model, torch.distributed.fsdp.FSDPModule):
+        yield
+        return
+    model.set_requires_gradient_sync(True)
+    try:
+        yield
+    finally:
+        if not runtime.sync_gradients:
+            model.set_requires_gradient_sync(False)
 
 
 def replicated_tensors(runtime: Runtime) -> Iterable[tuple[str, torch.Tensor]]:

@@ -170,12 +170,19 @@ def test_accumulation_micro_steps_skip_the_reduce_scatter(monkeypatch: pytest.Mo
     assert calls == [False, True] * 8  # 16 micro-batches: off for the first of each window, then back on
 
 
-def test_compile_runs_per_unit_after_sharding(monkeypatch: pytest.MonkeyPatch):
-    compiled: list[nn.Module] = []
-    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
-    with distributed(strategy="fsdp", fsdp=FSDPOptions(compile=True)):
-        model = prepare(make_model())
-        assert compiled == list(model.blocks)
+def test_compile_runs_per_unit_before_sharding(monkeypatch: pytest.MonkeyPatch):
+    from torch.distributed.fsdp import FSDPModule
+
+    compiled: list[tuple[nn.Module, bool]] = []
+    monkeypatch.setattr(
+        nn.Module, "compile", lambda self, *a, **k: compiled.append((self, isinstance(self, FSDPModule)))
+    )
+    for settings in ({"fsdp": FSDPOptions(compile=True)}, {"compile": {"regional": True}}):
+        compiled.clear()
+        with distributed(strategy="fsdp", **settings):
+            model = prepare(make_model())
+            assert [m for m, _ in compiled] == list(model.blocks)
+            assert not any(sharded for _, sharded in compiled), "torchtitan's order: compile, then shard"
     with (
         distributed(strategy="fsdp", fsdp=FSDPOptions(activation_checkpointing=True)),
         pytest.raises(SettingsError, match="has none besides the root"),

@@ -23,7 +23,9 @@ class Net(torch.nn.Module):
 
 
 def _run(fault: str, steps: int, every: int) -> str:
-    with distributed(cpu=True, check_replicas_every=every, ddp={"broadcast_buffers": fault != "buffer"}) as ctx:
+    with distributed(
+        cpu=True, check_replicas_every=every, ddp={"broadcast_buffers": fault != "buffer"}
+    ) as ctx:
         torch.manual_seed(1 + (ctx.rank if fault == "seed" else 0))
         model = Net()
         if fault == "buffer":

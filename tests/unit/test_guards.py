@@ -40,7 +40,9 @@ def test_an_unprepared_optimizer_under_accumulation_is_an_error():
         model = torch.nn.Linear(4, 1)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         model, loader = prepare(model, _data())
-        with pytest.raises(TrainingError, match="optimizer updates a prepared model but was not passed to prepare"):
+        with pytest.raises(
+            TrainingError, match="optimizer updates a prepared model but was not passed to prepare"
+        ):
             _loop(model, optimizer, loader)
 
 
