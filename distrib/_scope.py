@@ -16,7 +16,7 @@ from typing import Any, TypeVar, overload
 import torch
 import torch.distributed as dist
 
-from . import _runtime, strategies
+from . import _preemption, _runtime, strategies
 from ._environment import read_environment, resolve_settings
 from ._runtime import Runtime, TrainingState
 from ._settings import Settings
@@ -98,6 +98,7 @@ class distributed:
         _runtime.push(runtime)
         stack.callback(_runtime.pop, runtime)
         stack.callback(_run_closers, runtime)
+        _preemption.install(runtime)
         if settings.seed is not None:
             from ._process import set_seed
 

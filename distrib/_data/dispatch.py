@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from .._preemption import at_step_boundary
 from .._tree import leaves, replace_leaves, send_to_device, tree_map
 from .loader import PreparedDataLoader, loader_arguments
 from .sharding import _pad_by_wrapping
@@ -66,7 +67,10 @@ class DispatchedDataLoader(PreparedDataLoader):
         self._remainder = None
         source = self._rank0_stream(skip) if self.runtime.rank == 0 else None
         count = skip
+        state, watch = self.runtime.state, "preemption" in self.runtime.state.extensions
         while True:
+            if watch and state.micro_step == 0:
+                at_step_boundary(self.runtime)  # before the next global batch is read and sent
             received = self._receive(next(source) if source is not None else None)
             if received is None:
                 return

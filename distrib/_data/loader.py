@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 
+from .._preemption import at_step_boundary
 from .._runtime import current
 from .._tree import send_to_device
 from ..errors import PrepareError
@@ -45,6 +46,13 @@ def loader_arguments(loader: DataLoader) -> dict[str, Any]:  # type: ignore[type
     if loader.num_workers > 0:
         common["prefetch_factor"] = loader.prefetch_factor
     return common
+
+
+_END = object()
+
+
+def _watches_preemption(runtime: Runtime) -> bool:
+    return "preemption" in runtime.state.extensions
 
 
 class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
@@ -148,23 +156,35 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
         # object.__setattr__ skips DataLoader's Python-level __setattr__ check on every batch
         set_attribute = object.__setattr__
         move, device = self._move and self._device.type != "cpu", self._device
-        for batch in iterator:
+        state, boundary = self.runtime.state, at_step_boundary if _watches_preemption(self.runtime) else None
+        while True:
+            if boundary is not None and state.micro_step == 0:
+                boundary(self.runtime)  # before the first batch of a window: preemption is agreed here
+            batch = next(iterator, _END)
+            if batch is _END:
+                return
             count += 1
             set_attribute(self, "batches_yielded", count)
             set_attribute(self, "end_of_dataloader", count >= total)
             yield send_to_device(batch, device, non_blocking=True) if move else batch
 
     def _batches_with_lookahead(self, iterator: Iterator[Any], count: int) -> Iterator[Any]:
-        # without a length, the last batch is known only when the next fetch fails
+        # without a length, the last batch is known only when the next fetch fails; a batch fetched ahead
+        # is not counted as yielded, so a checkpoint taken at a boundary resumes with it
+        watch, state = _watches_preemption(self.runtime), self.runtime.state
         try:
             batch = next(iterator)
         except StopIteration:
             return
         for upcoming in iterator:
+            if watch and state.micro_step == 0:
+                at_step_boundary(self.runtime)
             count += 1
             self.batches_yielded = count
             yield send_to_device(batch, self._device, non_blocking=True) if self._move else batch
             batch = upcoming
+        if watch and state.micro_step == 0:
+            at_step_boundary(self.runtime)
         self.batches_yielded = count + 1
         self.end_of_dataloader = True
         yield send_to_device(batch, self._device, non_blocking=True) if self._move else batch

@@ -1,0 +1,118 @@
+"""Preemption: SIGTERM or SIGUSR1 on any rank makes every rank save the same step and exit with code 75.
+
+Clusters announce a preemption with a signal (SLURM's `--signal=USR1@90`, Kubernetes and torchrun's agent
+with SIGTERM), to all ranks or to a few. The scope installs handlers that only raise a flag; the ranks agree
+on it at an optimizer-step boundary, which is when a prepared dataloader fetches the first batch of a new
+accumulation window. The agreement is an asynchronous all-reduce started at one boundary and read at the
+next, so it never waits on the step's critical path; every rank reads the same result at the same
+boundary, so all of them save the same step: `save_state()` into the project layout (the `project_dir`
+setting), then `SystemExit(preemption_exit_code)` (75, `EX_TEMPFAIL`: "try again"), which `distrib launch`
+passes on. A relaunch resumes with `load_state("latest")`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import DistribWarning
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+SIGNALS = tuple(
+    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None
+)
+_KEY = "preemption"
+
+
+@dataclass(eq=False)
+class Preemption:
+    """The flag a signal raises, and the all-reduce in flight that shares it."""
+
+    requested: int = 0  # the signal number, once one arrived
+    pending: Any = None  # (work, tensor) of the all-reduce started at the previous boundary
+    previous_handlers: dict[int, Any] = field(default_factory=dict)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second signal: stop now, as if no handler were installed
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if not self.requested:
+            self.requested = signum
+            print(
+                f"distrib: received {signal.Signals(signum).name}; saving a checkpoint at the next optimizer "
+                "step, then exiting with the preemption exit code",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def install(runtime: Runtime) -> None:
+    """Catch the preemption signals for the scope's lifetime (main thread only; Python's rule)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    state = Preemption()
+    for signum in SIGNALS:
+        state.previous_handlers[signum] = signal.signal(signum, state.handle)
+    runtime.state.extensions[_KEY] = state
+    runtime.call_on_close(lambda: _uninstall(state))
+
+
+def _uninstall(state: Preemption) -> None:
+    for signum, handler in state.previous_handlers.items():
+        signal.signal(signum, handler)
+    state.previous_handlers.clear()
+
+
+def at_step_boundary(runtime: Runtime) -> None:
+    """Called by prepared dataloaders before the first batch of each accumulation window."""
+    state: Preemption | None = runtime.state.extensions.get(_KEY)
+    if state is None:
+        return
+    if runtime.world_size == 1:
+        if state.requested:
+            _save_and_exit(runtime, state)
+        return
+    agreed = _read_pending(state)
+    if agreed:
+        _save_and_exit(runtime, state)
+    flag = torch.tensor([state.requested], dtype=torch.int64, device=runtime.collective_device)
+    state.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+
+
+def _read_pending(state: Preemption) -> int:
+    if state.pending is None:
+        return 0
+    work, flag = state.pending
+    state.pending = None
+    work.wait()
+    return int(flag.item())
+
+
+def _save_and_exit(runtime: Runtime, state: Preemption) -> None:
+    from .checkpointing import save_state
+
+    code = runtime.settings.preemption_exit_code
+    if runtime.settings.project_dir is None:
+        if runtime.rank == 0:
+            warnings.warn(
+                "preempted, but no checkpoint was saved: the project_dir setting is not set, so save_state() "
+                "has nowhere to go. Set distributed(project_dir=...) to resume where preemption stopped.",
+                DistribWarning,
+                stacklevel=2,
+            )
+    else:
+        path = save_state()
+        if runtime.rank == 0:
+            print(f"distrib: preempted; saved {path}; exiting with code {code}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
