@@ -43,6 +43,9 @@ class TrainingState:
     retired_params: dict[int, Any] = field(default_factory=dict)
     used_backward: bool = False
     closing_backwards: int = 0  # backward() calls that closed a window (the replica check's clock)
+    # after load_state: the optimizer step resumed from, and what to tell (trackers rewind their records)
+    resumed_step: int | None = None
+    resume_listeners: list[Callable[[], Any]] = field(default_factory=list)
     custom_objects: list[Any] = field(default_factory=list)
     save_hooks: list[Any] = field(default_factory=list)
     load_hooks: list[Any] = field(default_factory=list)

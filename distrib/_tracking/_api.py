@@ -17,7 +17,7 @@ from typing import Any, SupportsInt
 from .._runtime import Runtime, current
 from ..errors import DistribWarning, missing_extra
 from ._base import NullTracker, Tracker, config_dict, to_python
-from ._hosted import CometTracker, MLflowTracker, WandBTracker, is_installed
+from ._hosted import CometTracker, MLflowTracker, WandBTracker, _Resumable, is_installed
 from ._jsonl import RESERVED_KEYS, JSONLTracker
 from ._tensorboard import TensorBoardTracker
 
@@ -88,10 +88,17 @@ def init_trackers(
     session = _Session(project_name, tuple(tracker.name for tracker in chosen))
     if runtime.is_main_process:
         _warn_ignored(init_kwargs or {}, chosen)
+        for tracker in chosen:
+            if isinstance(tracker, _Resumable):  # hosted trackers keep their run id there
+                tracker.resume_dir = directory / project_name
+                tracker.resuming = runtime.state.resumed_step is not None
         _start_all(chosen, project_name, hparams)
         session.trackers = {tracker.name: tracker for tracker in chosen}
     runtime.state.extensions[_KEY] = session
-    runtime.state.closers.append(lambda: _finish(runtime))
+    runtime.call_on_close(lambda: _finish(runtime))
+    runtime.state.resume_listeners.append(lambda: _rewind(runtime))
+    if runtime.state.resumed_step is not None:  # load_state() came first
+        _rewind(runtime)
 
 
 def _as_list(trackers: TrackerSpec | Sequence[TrackerSpec]) -> list[TrackerSpec]:
@@ -208,7 +215,22 @@ def log(values: Mapping[str, Any], step: SupportsInt | None = None) -> None:
     plain = to_python(values)
     at = None if step is None else int(step)
     for tracker in session.trackers.values():
+        if hasattr(tracker, "optimizer_step"):
+            tracker.optimizer_step = runtime.state.optimizer_steps
         tracker.log(plain, at)
+
+
+def _rewind(runtime: Runtime) -> None:
+    """After `load_state`: trackers that can drop what the run that died logged after the checkpoint do
+    so (JSONL, TensorBoard), so a resumed run never records a step twice."""
+    session = runtime.state.extensions.get(_KEY)
+    step = runtime.state.resumed_step
+    if session is None or step is None:
+        return
+    for tracker in session.trackers.values():
+        rewind = getattr(tracker, "rewind", None)
+        if callable(rewind):
+            rewind(step)
 
 
 def end_training() -> None:

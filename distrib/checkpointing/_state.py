@@ -204,6 +204,9 @@ def _load(runtime: Runtime, directory: Path, manifest: dict[str, Any], weights_o
     load_objects(runtime, directory, weights_only=weights_only)
     if _rng.has_rng(directory, runtime.rank):
         _rng.load_rng(directory, runtime.rank)  # last, so that nothing above consumes random numbers
+    state.resumed_step = state.optimizer_steps
+    for listener in list(state.resume_listeners):
+        listener()
 
 
 def _check_world_size(runtime: Runtime, manifest: dict[str, Any]) -> None:
