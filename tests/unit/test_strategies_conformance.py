@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import torch
 
 from distrib import strategies
 from distrib.strategies import DataLoaderWrapper, GradientSyncControl, Strategy
@@ -50,3 +51,11 @@ def test_unknown_strategy_lists_the_registered_ones():
     with pytest.raises(SettingsError, match="fsdp, deepspeed, xla"):
         strategies.load("zero")
     assert importlib.import_module("distrib.strategies.fsdp").NAME == "fsdp"
+
+
+def test_collectives_of_cuda_runs_use_the_device_and_gloo_runs_the_cpu():
+    cuda, cpu = torch.device("cuda", 1), torch.device("cpu")
+    for name in ("single", "ddp", "fsdp", "deepspeed"):
+        module = strategies.load(name)
+        assert module.collective_device(cuda) == cuda, name  # cpu:gloo,cuda:nccl: CUDA tensors go over NCCL
+        assert module.collective_device(cpu) == cpu, name
