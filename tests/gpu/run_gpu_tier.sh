@@ -9,5 +9,6 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 log="${OUT:-/tmp}/gpu_tier.log"
-timeout 460 python -m pytest tests/gpu -p no:cacheprovider -rs -v --timeout 240 "$@" 2>&1 | tee "$log"
+per_test=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 240")
+timeout 460 python -m pytest tests/gpu -p no:cacheprovider -rs -v $per_test "$@" 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"
