@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import threading
@@ -15,7 +14,7 @@ from typing import Any, TypeVar, overload
 import torch
 import torch.distributed as dist
 
-from . import _precision, _runtime, strategies
+from . import _codec, _precision, _runtime, strategies
 from ._environment import read_environment, resolve_settings
 from ._runtime import Runtime, TrainingState
 from ._settings import Settings
@@ -92,6 +91,8 @@ class distributed:
     ) -> None:
         runtime, self._runtime = self._runtime, None
         assert runtime is not None
+        if exc is not None:
+            _note_failed_step(exc, runtime.state.optimizer_steps)
         try:
             for close in reversed(runtime.state.closers):
                 close()
@@ -143,14 +144,19 @@ def close_process_group(*, clean: bool) -> None:
         dist.destroy_process_group()
 
 
+def _note_failed_step(exc: BaseException, step: int) -> None:
+    """Put the optimizer step this scope failed at on the exception (the innermost scope's wins): the
+    worker bootstrap hands it to the launcher, whose crash-loop guard compares it across restarts."""
+    if getattr(exc, "distrib_optimizer_step", None) is None:
+        try:
+            exc.distrib_optimizer_step = step  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type without a __dict__
+            pass
+
+
 def _explicit_values(settings: Settings) -> dict[str, Any]:
     """The fields of a Settings object that differ from the defaults (what the code asked for)."""
-    defaults = Settings()
-    return {
-        f.name: getattr(settings, f.name)
-        for f in dataclasses.fields(settings)
-        if getattr(settings, f.name) != getattr(defaults, f.name)
-    }
+    return _codec.explicit_fields(settings)
 
 
 @overload

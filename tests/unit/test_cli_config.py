@@ -173,9 +173,9 @@ def test_accelerate_deepspeed_and_multi_cpu_keys():
         "gradient_accumulation_steps": 4,
         "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_params": False},
     }
-    assert [w for w in warnings if "zero3_init_flag" in w]
-    out, warnings = accelerate_compat.translate({"distributed_type": "MULTI_NPU"})
-    assert "strategy" not in out and "MULTI_NPU" in warnings[0]
+    assert [w for w in warnings if "zero3_init_flag" in w and "prepare()" in w]
+    with pytest.raises(SettingsError, match=r"MULTI_NPU.*Ascend NPUs.*Use MULTI_GPU"):
+        accelerate_compat.translate({"distributed_type": "MULTI_NPU"})
 
 
 def test_default_location_follows_the_documented_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -163,7 +163,7 @@ def test_plan_is_frozen_and_validates_itself():
     p = plan()
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.num_processes = 3  # type: ignore[misc]
-    with pytest.raises(SettingsError, match="positive multiple"):
+    with pytest.raises(SettingsError, match="not a multiple of num_machines=2"):
         dataclasses.replace(p, num_processes=3, num_machines=2, main_process_port=1)
 
 
