@@ -223,7 +223,8 @@ def make_agent(
     if plan.rdzv_backend == "static":
         config["rank"] = plan.machine_rank
     else:
-        config["is_host"] = plan.machine_rank == 0
+        config.update(is_host=plan.machine_rank == 0, join_timeout=plan.rdzv_timeout)
+    config.update(dict(plan.rdzv_conf))
     handler = rdzv_registry.get_rendezvous_handler(
         RendezvousParameters(
             backend=f"distrib-{plan.rdzv_backend}",

@@ -94,6 +94,11 @@ def run_elastic(
         records.LAUNCHER_PID_VARIABLE: str(os.getpid()),
         records.GRACE_VARIABLE: f"{plan.grace_period:g}",
     }
+    if plan.rdzv_backend == "c10d":
+        # torch 2.13's c10d rendezvous shares its TCPStore with the workers by default, and then a machine
+        # that joins a running group waits forever for an address the old rank 0 never publishes again
+        # (its shared server already exists); without sharing, every round publishes a fresh one
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     target: Callable[..., Any] | str = sys.executable
     worker_args: tuple[Any, ...] = plan.worker_args()
     if entrypoint is not None:
@@ -187,15 +192,22 @@ def _stopped(plan: LaunchPlan, agent: Any, sigval: Any) -> WorkersFailed:
             f"{code} (preempted). Run the same command again to resume from their checkpoint.",
             code,
         )
-    states = ", ".join(
-        f"local rank {r}: " + ("killed after the grace period" if c is None or c < 0 else f"exit code {c}")
-        for r, c in sorted(codes.items())
-    )
+    states = ", ".join(f"local rank {r}: {_ending(c, number)}" for r, c in sorted(codes.items()))
     return WorkersFailed(
         f"distrib: received {name}; forwarded it to the workers and stopped them (grace period "
         f"{plan.grace_period:g} s{'; ' + states if states else ''}).",
         128 + number,
     )
+
+
+def _ending(code: int | None, forwarded: int) -> str:
+    if code is None:
+        return "still running after the grace period"
+    if code == -forwarded:
+        return "ended by the forwarded signal"
+    if code < 0:
+        return "killed after the grace period" if code == -9 else f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def merged_diagnosis(directory: Path | None) -> str | None:

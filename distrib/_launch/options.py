@@ -158,6 +158,15 @@ ROWS: tuple[Row, ...] = (
     ),
     Row("rdzv_timeout", "Seconds to wait for every machine to join.", R, int, minimum=1, default=900),
     Row(
+        "rdzv_conf",
+        "Extra settings of torch's rendezvous, as KEY=VALUE,... (as torchrun's --rdzv-conf), e.g. "
+        "last_call_timeout=5 (c10d: seconds to wait for more machines once MIN joined; default 30), "
+        "keep_alive_interval=2,keep_alive_max_attempt=3 (how fast a lost machine is noticed).",
+        R,
+        str,
+        convert=rules.rdzv_conf,
+    ),
+    Row(
         "max_restarts",
         "Restart the whole worker group up to N times after a failure "
         "(TORCHELASTIC_RESTART_COUNT tells the workers which attempt runs). When an attempt fails at the "

@@ -69,6 +69,7 @@ class LaunchPlan:
     main_process_port: int | None  # None: a free port, chosen when the launch starts (one machine only)
     rdzv_backend: RdzvBackend
     rdzv_timeout: int
+    rdzv_conf: tuple[tuple[str, str], ...] = ()
     run_id: str
     max_restarts: int
     monitor_interval: float
@@ -161,7 +162,7 @@ class LaunchPlan:
             f"(global ranks {self.ranks.start}-{self.ranks.stop - 1}), device {self.device}",
             f"  machines      : {machines}; this is machine {self.machine_rank}",
             f"  rendezvous    : {self.rdzv_backend} at {self.main_process_ip}:{port}, run id {self.run_id!r}, "
-            f"timeout {self.rdzv_timeout} s",
+            f"timeout {self.rdzv_timeout} s" + "".join(f", {k}={v}" for k, v in self.rdzv_conf),
             f"  failures      : checked every {self.monitor_interval:g} s; up to {self.max_restarts} restart(s) "
             "of the worker group",
             f"  signals       : SIGTERM/SIGUSR1 forwarded to the workers, killed {self.grace_period:g} s later; "
@@ -218,6 +219,7 @@ def build_plan(
         main_process_port=_port(merged, high),
         rdzv_backend=merged["rdzv_backend"],
         rdzv_timeout=int(merged["rdzv_timeout"]),
+        rdzv_conf=tuple(rules.rdzv_settings(merged.get("rdzv_conf")).items()),
         run_id=f"distrib-{slurm.job_id}" if slurm and slurm.job_id else "distrib",
         max_restarts=int(merged["max_restarts"]),
         monitor_interval=float(merged["monitor_interval"]),

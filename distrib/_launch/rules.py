@@ -50,6 +50,27 @@ def machine_range(value: Any, source: str = "launch options") -> tuple[int, int]
     return low, high
 
 
+def rdzv_conf(value: Any, source: str = "launch options") -> str:
+    """A `rdzv_conf` value (`key=value,key=value`) validated and normalised; see `rdzv_settings`."""
+    return ",".join(f"{k}={v}" for k, v in rdzv_settings(value, source).items())
+
+
+def rdzv_settings(value: Any, source: str = "launch options") -> dict[str, str]:
+    """`"last_call_timeout=5,keep_alive_interval=1"` -> {"last_call_timeout": "5", ...}."""
+    out: dict[str, str] = {}
+    for part in str(value or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, item = part.partition("=")
+        if not sep or not key.strip().isidentifier() or not item.strip():
+            raise SettingsError(
+                f"{source}: rdzv_conf={value!r} is not valid: expected KEY=VALUE pairs separated by commas, "
+                "e.g. last_call_timeout=5,keep_alive_interval=2."
+            )
+        out[key.strip()] = item.strip()
+    return out
+
+
 def check_machines(values: Mapping[str, Any], source: str) -> None:
     """Machine rank in range; an address for several machines; an elastic range only with c10d."""
     low, high = machine_range(values.get("num_machines", 1), source)

@@ -89,9 +89,10 @@ def run(target: str, args: list[str], *, is_module: bool) -> dict[str, Any]:
     sys.path[0] = os.path.dirname(os.path.abspath(target))
     if not os.path.isfile(target):  # a directory or zip file with a __main__.py
         return runpy.run_path(target, run_name="__main__")
-    with open(target, "rb") as source:
-        code = compile(source.read(), target, "exec")
-    return _exec_as_main(code, target, spec=None, package=None)
+    path = os.path.abspath(target)  # as `python script.py` since Python 3.9: __file__ and tracebacks
+    with open(path, "rb") as source:
+        code = compile(source.read(), path, "exec")
+    return _exec_as_main(code, path, spec=None, package=None)
 
 
 def _main_spec(name: str) -> ModuleSpec:
