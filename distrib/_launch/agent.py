@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -266,9 +267,10 @@ def forwarded_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for name, handler in saved.items():
-            if handler is not None:
-                signal.signal(getattr(signal, name), handler)
+        if threading.current_thread() is threading.main_thread():  # torch installs them only there
+            for name, handler in saved.items():
+                if handler is not None:
+                    signal.signal(getattr(signal, name), handler)
         if previous is None:
             os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)
         else:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, get_origin
 
 from .. import _codec, _environment, _validation
-from .._settings import settings_field_types
+from .._settings import Settings, settings_field_types
 from ..errors import SettingsError
 from . import accelerate_compat, rules
 from .options import ROWS, ROWS_BY_KEY, SECTIONS, strip_none
@@ -186,7 +186,19 @@ def validate_flat(flat: Mapping[str, Any], source: str) -> dict[str, Any]:
             raise SettingsError(_unknown_key(source, key, known))
         values[key] = check(source, key, value, known[key])
     rules.check_combinations(values, source)
+    _check_settings(values, source)
     return values
+
+
+def _check_settings(values: Mapping[str, Any], source: str) -> None:
+    """The settings of the file built once, so a rule over several fields of `Settings` or an option
+    section (a positive bucket size, an offload the ZeRO stage cannot honour) fails here, naming the file."""
+    names = settings_field_types()
+    chosen = {k: v for k, v in values.items() if k.split(".")[0] in names}
+    try:
+        Settings.from_mapping(_codec.from_flat(chosen, source=source))
+    except SettingsError as exc:
+        raise SettingsError(f"{source}: {exc}") from None
 
 
 def flatten(raw: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -24,7 +24,9 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISTRIB_CONFIG_DIR", str(tmp_path / "cfg"))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("SLURM_STEP_NUM_NODES", raising=False)
-    monkeypatch.setattr(machine, "detect", lambda need_gpus=True, strategy=None: MachineFacts(cpu_count=4, gpu_count=0))
+    monkeypatch.setattr(
+        machine, "detect", lambda need_gpus=True, strategy=None: MachineFacts(cpu_count=4, gpu_count=0)
+    )
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.py").write_text("print('hi')\n")
 
@@ -78,7 +80,9 @@ def test_arguments_after_the_script_belong_to_the_script():
 
 def test_module_targets(tmp_path: Path):
     (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "__init__.py").write_text("raise SystemExit('the launcher must not import the package')\n")
+    (tmp_path / "pkg" / "__init__.py").write_text(
+        "raise SystemExit('the launcher must not import the package')\n"
+    )
     (tmp_path / "pkg" / "train.py").write_text("")
     code, out = invoke("launch", "--dry-run", "-m", "pkg.train", "--epochs", "2")
     assert code == 0, out

@@ -224,8 +224,8 @@ def test_questionnaire_validates_each_answer(tmp_path: Path, monkeypatch: pytest
     ]
     result = CliRunner().invoke(cli, ["config", "--config-file", str(path)], input="\n".join(answers) + "\n")
     assert result.exit_code == 0, result.output
-    assert "not a multiple of the 2 machines" in result.output
-    assert "fp16 needs a GPU" in result.output
+    assert "num_processes=3 is not a multiple of num_machines=2" in result.output
+    assert "mixed_precision='fp16' needs a GPU" in result.output
     assert "1<=x<=1" in result.output or "0<=x<=1" in result.output
     values = config_file.load(path).values
     assert values == {

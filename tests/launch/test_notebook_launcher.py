@@ -1,8 +1,10 @@
-"""`debug_launcher` and `notebook_launcher`: functions on real CPU processes through the elastic agent."""
+"""`debug_launcher` and `notebook_launcher`: functions on real CPU processes through the elastic agent,
+from a script, from `python - < script.py` and from `python -c`."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -28,11 +30,14 @@ def _fail_on_rank_1() -> None:
 
 def test_notebook_launcher_returns_every_rank_result_with_settings_and_environment():
     before = dict(os.environ)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     results = distrib.notebook_launcher(
         _describe, args=(10,), num_processes=2, cpu=True, mixed_precision="bf16", env={"EXTRA": "x"}
     )
     assert results == [(0, 20, "bf16", "x", 3.0), (1, 20, "bf16", "x", 3.0)]
     assert dict(os.environ) == before  # nothing leaks into the caller's environment
+    # torch's agent installs handlers that raise in the caller; a notebook gets its own back
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
 def test_the_first_failure_is_raised_with_its_rank_and_traceback():
@@ -49,3 +54,40 @@ def test_bad_arguments_are_refused_before_any_process_starts():
         distrib.notebook_launcher(_describe, num_processes=2, cpu=True, mixed_precison="bf16")
     with pytest.raises(SettingsError, match="needs a GPU"):
         distrib.notebook_launcher(_describe, num_processes=2, cpu=True, mixed_precision="fp16")
+
+
+STDIN_SCRIPT = """
+import os
+import torch
+import distrib
+
+def describe(scale):
+    with distrib.distributed() as ctx:
+        return ctx.rank * scale, ctx.world_size
+
+if __name__ == "__main__":
+    print("RESULT", distrib.notebook_launcher(describe, args=(10,), num_processes=2, cpu=True), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["stdin", "-c"])
+def test_notebook_launcher_works_from_a_main_module_without_a_file(tmp_path, how: str):
+    # `python - < script.py` (and `python -c`) leave no file that spawn could re-run: fork is used
+    import subprocess
+    import sys
+
+    from tests._support.launching import distrib_env
+
+    args = [sys.executable, "-"] if how == "stdin" else [sys.executable, "-c", STDIN_SCRIPT]
+    result = subprocess.run(
+        args,
+        input=STDIN_SCRIPT if how == "stdin" else None,
+        cwd=tmp_path,
+        env=distrib_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "RESULT [(0, 2), (10, 2)]" in result.stdout, result.stdout + result.stderr
