@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from .. import _environment
-from .._launch import config_file, machine
+from .. import _codec, _environment
+from .._launch import accelerate_compat, config_file, machine
 from .._launch.plan import LaunchPlan, Target, build_plan
 from ..errors import LaunchError, SettingsError
 from .options import SectionedCommand, launch_options, option, values_from_params
@@ -103,6 +103,8 @@ def control_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         decorators.append(
             click.option(name, "switch_" + name[2:], is_flag=True, hidden=True, help=f"--strategy {strategy}")
         )
+    for flag in accelerate_compat.LAUNCH_FLAGS:  # Accelerate's value-taking flags, translated like its config
+        decorators.append(click.option(f"--{flag}", "accelerate_" + flag, hidden=True, metavar="VALUE"))
     for decorator in reversed(decorators):
         fn = decorator(fn)
     return fn
@@ -137,17 +139,38 @@ def switched_strategy(params: Mapping[str, Any], values: dict[str, Any]) -> None
         values["strategy"] = chosen[0][1]
 
 
+def accelerate_flags(params: Mapping[str, Any], values: dict[str, Any]) -> list[str]:
+    """Add Accelerate's value-taking flags (`--fsdp_sharding_strategy FULL_SHARD`, ...) to the command-line
+    values, translated as in an Accelerate config; return the warnings for the ones that do not map."""
+    given = {
+        k: params[f"accelerate_{k}"]
+        for k in accelerate_compat.LAUNCH_FLAGS
+        if params.get(f"accelerate_{k}") is not None
+    }
+    if not given:
+        return []
+    nested, warnings = accelerate_compat.translate_flags(given)
+    for key, value in _codec.to_flat(nested).items():
+        if key in values and values[key] != value:
+            raise SettingsError(
+                f"--{key.replace('.', '-')} and Accelerate's flags give {key} two values; keep one of them."
+            )
+        values[key] = value
+    return warnings
+
+
 def make_plan(params: dict[str, Any], target: Target) -> LaunchPlan:
     """Config file, then command line, into a plan; `SettingsError` becomes a usage error (exit 2)."""
     try:
         found = config_file.load_effective(params.get("config_file"))
         cli_values = values_from_params(params)
         switched_strategy(params, cli_values)
+        flag_warnings = accelerate_flags(params, cli_values)
         values = {**found.values, **cli_values}
         sources = {k: "file" for k in found.values} | {k: "command line" for k in cli_values}
         env = {**found.env, **parse_env_pairs(params.get("env_pairs") or ())}
         if not params.get("quiet"):
-            for warning in found.warnings:
+            for warning in [*found.warnings, *flag_warnings]:
                 click.echo(f"warning: {warning}", err=True)
         _check_module(target, env)
         facts = machine.detect(

@@ -155,6 +155,69 @@ _DEEPSPEED_IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
+#: Accelerate's `accelerate launch` flags that take a value and have no flag of the same name in distrib
+#: (`distrib launch` accepts them, hidden, and translates them like the config keys): flag -> section
+LAUNCH_FLAGS: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "fsdp_sharding_strategy",
+            "fsdp_offload_params",
+            "fsdp_transformer_layer_cls_to_wrap",
+            "fsdp_min_num_params",
+            "fsdp_auto_wrap_policy",
+            "fsdp_state_dict_type",
+            "fsdp_backward_prefetch",
+            "fsdp_forward_prefetch",
+            "fsdp_use_orig_params",
+            "fsdp_cpu_ram_efficient_loading",
+            "fsdp_sync_module_states",
+            "fsdp_reshard_after_forward",
+            "fsdp_version",
+        ),
+        "fsdp_config",
+    ),
+    **dict.fromkeys(
+        (
+            "offload_optimizer_device",
+            "offload_param_device",
+            "offload_optimizer_nvme_path",
+            "offload_param_nvme_path",
+            "gradient_clipping",
+            "zero3_init_flag",
+            "zero3_save_16bit_model",
+            "deepspeed_multinode_launcher",
+            "deepspeed_hostfile",
+        ),
+        "deepspeed_config",
+    ),
+}
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def translate_flags(flags: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Accelerate launch flags (`LAUNCH_FLAGS`, values as typed) as distrib settings (nested: `fsdp`,
+    `deepspeed`), and the warnings of the keys left behind."""
+    raw: dict[str, Any] = {}
+    for flag, value in flags.items():
+        raw.setdefault(LAUNCH_FLAGS[flag], {})[flag] = value
+    out, warnings = translate(raw, "Accelerate launch flags")
+    out.pop("version", None)
+    return out, [
+        w.replace("Accelerate key fsdp_config.", "--").replace("Accelerate key deepspeed_config.", "--")
+        for w in warnings
+    ]
+
+
+def _truthy(value: Any, name: str) -> bool:
+    """A boolean from YAML or from a command-line word (`--fsdp_offload_params false` is False)."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise SettingsError(f"{name}={value!r} is not a boolean: use true or false.")
+
+
 def looks_like_accelerate(raw: Mapping[str, Any]) -> bool:
     """True for a file written by `accelerate config` (it has no `version`, but these keys)."""
     return "version" not in raw and ("compute_environment" in raw or "distributed_type" in raw)
@@ -204,6 +267,8 @@ def _note_ignored(
     prefix: str, key: str, value: Any, table: Mapping[str, tuple[tuple[Any, ...], str]], warnings: list[str]
 ) -> None:
     harmless, reason = table.get(key, ((), "distrib has no equivalent"))
+    if isinstance(value, str) and value.strip().lower() in (*_TRUE, *_FALSE):
+        value = value.strip().lower() in _TRUE  # a command-line word compares like a YAML boolean
     if value in harmless or (not reason and key in table):
         return
     warnings.append(f"Accelerate key {prefix}{key}={value!r} is ignored: {reason}.")
@@ -322,10 +387,15 @@ def _wrap_policy(value: Any, fsdp: dict[str, Any], warnings: list[str]) -> None:
 
 _FSDP_KEYS: dict[str, Callable[[Any, dict[str, Any], list[str]], None]] = {
     "fsdp_reshard_after_forward": lambda v, f, w: f.setdefault(
-        "sharding", "full" if v in (True, "true", "FULL_SHARD") else "grad_op"
+        "sharding",
+        "full"
+        if v == "FULL_SHARD" or (v != "SHARD_GRAD_OP" and _truthy(v, "fsdp_reshard_after_forward"))
+        else "grad_op",
     ),
-    "fsdp_offload_params": lambda v, f, w: f.__setitem__("cpu_offload", bool(v)),
-    "fsdp_activation_checkpointing": lambda v, f, w: f.__setitem__("activation_checkpointing", bool(v)),
+    "fsdp_offload_params": lambda v, f, w: f.__setitem__("cpu_offload", _truthy(v, "fsdp_offload_params")),
+    "fsdp_activation_checkpointing": lambda v, f, w: f.__setitem__(
+        "activation_checkpointing", _truthy(v, "fsdp_activation_checkpointing")
+    ),
     "fsdp_transformer_layer_cls_to_wrap": _wrap_classes,
     "fsdp_min_num_params": lambda v, f, w: f.__setitem__("min_num_params", int(v)) if v else None,
     "fsdp_auto_wrap_policy": _wrap_policy,
@@ -362,7 +432,7 @@ def _deepspeed(config: Mapping[str, Any], out: dict[str, Any], warnings: list[st
             if value:
                 ds["config"] = str(value)
         elif key == "zero3_save_16bit_model":
-            ds["save_16bit_model"] = bool(value)
+            ds["save_16bit_model"] = _truthy(value, key)
         else:
             _note_ignored("deepspeed_config.", key, value, _DEEPSPEED_IGNORED, warnings)
     return ds

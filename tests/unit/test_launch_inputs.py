@@ -3,6 +3,7 @@ the command line), never a raw traceback or a silent choice; and Accelerate's sp
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -371,3 +372,33 @@ def test_rules_are_shared_by_the_file_the_plan_and_the_prompt():
     rules.check_precision("fp16", "cuda", "src")
     assert rules.machine_range("2:4") == (2, 4) and rules.machine_count(" 3 ") == 3
     assert rules.rdzv_settings("a=1, b = 2") == {"a": "1", "b": "2"}
+
+
+def test_accelerates_value_flags_are_translated_like_its_config():
+    code, out = invoke(
+        "launch", "--dry-run", "--use_fsdp", "--fsdp_sharding_strategy", "SHARD_GRAD_OP",
+        "--fsdp_offload_params", "true", "--fsdp_transformer_layer_cls_to_wrap", "GPT2Block,Embedding",
+        "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--cpu", "train.py",
+    )  # fmt: skip
+    assert code == 0, out
+    fsdp = json.loads(next(line for line in out.splitlines() if "DISTRIB_FSDP=" in line).split("=", 1)[1])
+    assert fsdp == {"sharding": "grad_op", "cpu_offload": True, "wrap_classes": ["GPT2Block", "Embedding"]}
+    assert "warning: --fsdp_state_dict_type='SHARDED_STATE_DICT' is ignored: save_state always writes" in out
+    code, out = invoke(
+        "launch", "--dry-run", "--use_deepspeed", "--zero_stage", "3", "--offload_param_device", "cpu",
+        "--offload_optimizer_device", "none", "--gradient_clipping", "0.5", "--zero3_save_16bit_model", "false",
+        "--cpu", "train.py",
+    )  # fmt: skip
+    assert code == 0, out
+    assert (
+        '"offload_params": true' in out
+        and '"gradient_clipping": 0.5' in out
+        and '"save_16bit_model": false' in out
+    )
+    assert '"offload_optimizer"' not in out  # "none": the default, nothing chosen
+    code, out = invoke("launch", "--dry-run", "--fsdp_offload_params", "maybe", "train.py")
+    assert code == 2 and "fsdp_offload_params='maybe' is not a boolean" in out
+    code, out = invoke(
+        "launch", "--dry-run", "--fsdp-sharding", "full", "--fsdp_sharding_strategy", "NO_SHARD", "train.py"
+    )
+    assert code == 2 and "two values" in out
