@@ -295,7 +295,9 @@ def test_deepspeed_questions_ask_the_stage_first_and_refuse_a_missing_config(
     assert values["deepspeed.zero_stage"] == 3 and values["deepspeed.config"] == str(tmp_path / "ds.json")
     assert values["deepspeed.offload_optimizer"] is True and values["deepspeed.offload_params"] is False
     stage_one = ["1", "y", "2", "deepspeed", "no", "1", "1", "", "n"]
-    result = CliRunner().invoke(cli, ["config", "--config-file", str(tmp_path / "s1.yaml")], input="\n".join(stage_one) + "\n")
+    result = CliRunner().invoke(
+        cli, ["config", "--config-file", str(tmp_path / "s1.yaml")], input="\n".join(stage_one) + "\n"
+    )
     assert result.exit_code == 0, result.output
     assert "Offload parameters" not in result.output  # only ZeRO-3 can offload parameters
     assert "deepspeed.config" not in config_file.load(tmp_path / "s1.yaml").values
