@@ -12,7 +12,10 @@ How the process was started is detected from, in order:
 
 Settings chosen by the launcher arrive as `DISTRIB_<SETTING>` variables, one per `Settings` field
 (`DISTRIB_MIXED_PRECISION=bf16`, `DISTRIB_GRADIENT_ACCUMULATION_STEPS=4`, ...); the per-strategy option
-objects travel as JSON (`DISTRIB_FSDP='{"sharding": "grad_op"}'`). `DISTRIB_CONFIG_DIR` and
+objects travel as JSON (`DISTRIB_FSDP='{"sharding": "grad_op"}'`); `_codec.py` writes and reads their
+text. (Three more variables pass from `distrib launch` to its worker bootstrap, which must read them
+before anything but the standard library is imported: `DISTRIB_DIAGNOSTICS_DIR`, `DISTRIB_LAUNCHER_PID`
+and `DISTRIB_GRACE_PERIOD`, in `_launch/records.py`.) `DISTRIB_CONFIG_DIR` and
 `XDG_CONFIG_HOME` locate the config file. The launcher (`distrib launch`) also reads, through
 `slurm_step` and `omp_num_threads`, the SLURM step variables (`SLURM_STEP_NUM_NODES`, `SLURM_NODEID`,
 `SLURM_STEP_NUM_TASKS`, `SLURM_STEP_NODELIST`, `SLURM_JOB_ID`) and an exported `OMP_NUM_THREADS`.

@@ -30,7 +30,8 @@ LAUNCH_HELP = """Run SCRIPT (or -m MODULE) on several processes, GPUs and machin
 Everything after SCRIPT goes to the script. Each option can also be set in the config file (key in
 [config: ...]; see `distrib config`); the command line wins over the file. The plan (processes,
 rendezvous, environment) is printed by --dry-run. Accelerate's spellings of the flags work too
-(--num_processes, --mixed_precision, --main_process_port, ...; --multi_gpu, --use_fsdp, --use_deepspeed).
+(--num_processes, --mixed_precision, --main_process_port, ...; --multi_gpu, --use_fsdp, --use_deepspeed,
+--fsdp_sharding_strategy, --offload_param_device, ...; see docs/how-to/coming-from-accelerate.md).
 
 \b
 Processes are started by torch's elastic agent (as torchrun does). Every worker gets:
@@ -64,7 +65,14 @@ as a crash or restarted.
 """
 
 #: Accelerate's strategy switches (hidden): flag -> strategy
-ACCELERATE_SWITCHES = {"--multi_gpu": "ddp", "--use_fsdp": "fsdp", "--use_deepspeed": "deepspeed"}
+ACCELERATE_SWITCHES = {
+    "--multi_gpu": "ddp",
+    "--use_fsdp": "fsdp",
+    "--use_deepspeed": "deepspeed",
+    "--tpu": "xla",
+}
+#: Accelerate's flags that change nothing under distrib (accepted, hidden)
+ACCELERATE_NO_OPS = ("--same_network", "--debug")
 
 
 def control_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -105,6 +113,9 @@ def control_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         )
     for flag in accelerate_compat.LAUNCH_FLAGS:  # Accelerate's value-taking flags, translated like its config
         decorators.append(click.option(f"--{flag}", "accelerate_" + flag, hidden=True, metavar="VALUE"))
+    for flag in ACCELERATE_NO_OPS:
+        decorators.append(click.option(flag, "ignored_" + flag[2:], is_flag=True, hidden=True))
+    decorators.append(click.option("--dynamo_backend", "dynamo_backend", hidden=True, metavar="BACKEND"))
     for decorator in reversed(decorators):
         fn = decorator(fn)
     return fn
@@ -120,6 +131,17 @@ def parse_env_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
             )
         out[name] = value
     return out
+
+
+def check_dynamo(params: Mapping[str, Any]) -> None:
+    """Accelerate's `--dynamo_backend no` is accepted; a real backend would be silently not compiled."""
+    backend = params.get("dynamo_backend")
+    if backend is not None and str(backend).lower() != "no":
+        raise SettingsError(
+            f"--dynamo_backend {backend}: distrib launch does not compile the model; call torch.compile(model, "
+            f"backend={str(backend).lower()!r}) in your script before prepare() (or FSDPOptions(compile=True) "
+            "with FSDP), and drop the flag."
+        )
 
 
 def switched_strategy(params: Mapping[str, Any], values: dict[str, Any]) -> None:
@@ -165,6 +187,7 @@ def make_plan(params: dict[str, Any], target: Target) -> LaunchPlan:
         found = config_file.load_effective(params.get("config_file"))
         cli_values = values_from_params(params)
         switched_strategy(params, cli_values)
+        check_dynamo(params)
         flag_warnings = accelerate_flags(params, cli_values)
         values = {**found.values, **cli_values}
         sources = {k: "file" for k in found.values} | {k: "command line" for k in cli_values}

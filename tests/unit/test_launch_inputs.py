@@ -402,3 +402,14 @@ def test_accelerates_value_flags_are_translated_like_its_config():
         "launch", "--dry-run", "--fsdp-sharding", "full", "--fsdp_sharding_strategy", "NO_SHARD", "train.py"
     )
     assert code == 2 and "two values" in out
+
+
+def test_accelerates_no_op_flags_are_accepted_and_dynamo_is_refused_with_the_fix():
+    code, out = invoke(
+        "launch", "--dry-run", "--same_network", "--debug", "--dynamo_backend", "no", "train.py"
+    )
+    assert code == 0, out
+    code, out = invoke("launch", "--dry-run", "--dynamo_backend", "inductor", "train.py")
+    assert code == 2 and "call torch.compile(model, backend='inductor')" in out
+    code, out = invoke("launch", "--dry-run", "--tpu", "train.py")
+    assert code == 2 and "strategy 'xla' cannot run here" in out  # --tpu chose xla; torch_xla is missing here
