@@ -12,6 +12,9 @@ the others, which then appear as failures too. The report names the cause, in th
    the others waited in, and its stack (dumped on the launcher's SIGTERM) says where it was stuck;
 4. else the earliest failure, marked as waiting for a rank this machine cannot see.
 
+When the stall watchdog ended the run (every worker exited with 124 after dumping its state), the merged
+diagnosis, which names the rank that is not in the collective, is the headline.
+
 Which workers the launcher signalled is known exactly (`agent.StopRecorder`), not guessed from the
 signal. The stall watchdog's merged diagnosis (`distrib._diagnosis.merged_report`), when there is one,
 is printed after the headline.
@@ -36,6 +39,8 @@ _PEER_ERROR = re.compile(
     r"|DistNetworkError|Socket Timeout|Timed out waiting|Timed out after|timed out in (all|broad|barr|gath|reduc)"
 )
 _STOP_SIGNALS = {int(signal.SIGTERM), int(signal.SIGKILL)}
+#: the exit status of a worker the stall watchdog ended (`distrib._diagnosis.STALL_EXIT_CODE`): it waited
+STALL_EXIT_CODE = 124
 _BOOTSTRAP_FRAME = re.compile(
     r'^  File "(<frozen runpy>|[^"]*runpy\.py|[^"]*distrib[/\\]_launch[/\\](worker|agent)\.py'
     r'|[^"]*torch[/\\]distributed[/\\]elastic[/\\]multiprocessing[/\\]errors[/\\]__init__\.py)"'
@@ -70,7 +75,9 @@ class WorkerFailure:
 
     @property
     def lost_a_peer(self) -> bool:
-        """The error says it waited for another worker (gone, or too slow): a consequence, not the cause."""
+        """It waited for another worker (gone, too slow, or stalled): a consequence, not the cause."""
+        if self.exitcode == STALL_EXIT_CODE:
+            return True
         return bool(_PEER_ERROR.search(self.message) or _PEER_ERROR.search(self.traceback[-2000:]))
 
     @property
@@ -239,10 +246,15 @@ def format_report(failures: list[WorkerFailure], evidence: Evidence | None = Non
     """The failure report printed by `distrib launch` and raised by `notebook_launcher`."""
     evidence = evidence or Evidence()
     first = first_failure(failures)
-    lines = _headline(first, failures, evidence)
-    if evidence.diagnosis:
-        lines += ["Stall diagnosis (every rank's dump, merged):", evidence.diagnosis.rstrip()]
+    if stalled(failures):
+        lines = _stall_headline(failures, evidence)
+    else:
+        lines = _headline(first, failures, evidence)
+        if evidence.diagnosis:
+            lines += ["Stall diagnosis (every rank's dump, merged):", evidence.diagnosis.rstrip()]
     mentioned = {first.rank, *_culprit_ranks(first, failures, evidence)}
+    if stalled(failures):
+        mentioned = {f.rank for f in failures if not f.stopped_by_launcher}
     for other in sorted((f for f in failures if f.rank not in mentioned), key=lambda f: f.rank):
         if other.stopped_by_launcher:
             what = "stopped by the launcher"
@@ -256,6 +268,31 @@ def format_report(failures: list[WorkerFailure], evidence: Evidence | None = Non
             f"The worker group was restarted {evidence.restarts} time(s) before this failure (--max-restarts)."
         )
     return "\n".join(lines)
+
+
+def stalled(failures: list[WorkerFailure]) -> bool:
+    """Every worker that ended by itself was ended by the stall watchdog (no rank made progress)."""
+    own = [f for f in failures if not f.stopped_by_launcher]
+    return bool(own) and all(f.exitcode == STALL_EXIT_CODE for f in own)
+
+
+def _stall_headline(failures: list[WorkerFailure], evidence: Evidence) -> list[str]:
+    """The merged diagnosis names the rank that is not in the collective; the launcher only adds how the
+    workers ended (every one of them waited, so none "failed first")."""
+    ranks = ", ".join(
+        str(f.rank) for f in sorted(failures, key=lambda f: f.rank) if not f.stopped_by_launcher
+    )
+    ended = (
+        f"  ranks {ranks} on machine {evidence.machine_rank} ({evidence.hostname}) were ended by the stall "
+        f"watchdog (exit code {STALL_EXIT_CODE}) after dumping their state."
+    )
+    if evidence.diagnosis:
+        return [evidence.diagnosis.rstrip(), ended]
+    return [
+        "distrib: the run stalled: no rank made progress for stall_timeout seconds, and no merged diagnosis was "
+        "found (the dumps of the other machines' ranks are on those machines).",
+        ended,
+    ]
 
 
 def _culprit_ranks(first: WorkerFailure, failures: list[WorkerFailure], evidence: Evidence) -> list[int]:

@@ -231,3 +231,21 @@ def test_a_function_setting_cannot_travel_to_the_launched_function():
         notebook_launcher(
             _module_function, num_processes=2, cpu=True, fsdp=FSDPOptions(auto_wrap_policy=callable)
         )
+
+
+def test_after_a_stall_the_merged_diagnosis_is_the_headline_and_no_rank_failed_first():
+    diagnosis = (
+        "distrib: no rank made progress for 5 s (stall_timeout); every rank dumped its state.\n"
+        "  rank 0 waits in collective #3: gather() at /w/train.py:20\n"
+        "  rank 1 is NOT in that collective: stuck at /w/train.py:12 in load"
+    )
+    found = [failure(0, failures.STALL_EXIT_CODE, 9.0), failure(1, failures.STALL_EXIT_CODE, 9.1)]
+    assert failures.stalled(found)
+    text = report(found, diagnosis=diagnosis)
+    assert text.startswith(diagnosis) and "failed first" not in text
+    assert "ranks 0, 1 on machine 0 (node7) were ended by the stall watchdog (exit code 124)" in text
+    assert failures.exit_code(failures.first_failure(found)) == 124
+    without = report(found)
+    assert without.startswith("distrib: the run stalled") and "no merged diagnosis was found" in without
+    crashed = [failure(0, failures.STALL_EXIT_CODE, 9.0), failure(1, 1, 9.5, traceback="ValueError: x")]
+    assert not failures.stalled(crashed) and failures.first_failure(crashed).rank == 1  # a crash is the cause
