@@ -9,8 +9,8 @@
 * after a failure, stops restarting when the attempt failed at the same optimizer step as the attempt
   before (a crash loop), or when the workers left with the preemption exit code (they saved; the machine
   is going away): neither is what `--max-restarts` is for;
-* when a worker leaves with the preemption exit code, gives the others up to the grace period to finish
-  saving and leave by themselves before stopping them;
+* when a worker leaves with the preemption exit code (or the stall watchdog's), gives the others up to
+  the grace period to finish saving (or dumping their state) and leave by themselves before stopping them;
 * forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR1 (SLURM's `--signal`) sent to the launcher to the
   workers, and kills them after the grace period (torch's `shutdown_timeout`).
 
@@ -176,13 +176,17 @@ class DistribAgent(LocalElasticAgent):  # type: ignore[misc]
 
 
 def finishing_a_save(pcontext: Any, plan: LaunchPlan, state: Any) -> bool:
-    """A worker left with the preemption code while others still run: give them the grace period to finish
-    the same checkpoint and leave by themselves before the agent stops them (`state._preempted_since`
-    remembers when the first one left)."""
+    """A worker left with the preemption code (it saved) or the stall code (it dumped its state) while
+    others still run: give them the grace period to finish the same checkpoint or dump and leave by
+    themselves before the agent stops them (`state._preempted_since` remembers when the first one left)."""
     codes = exit_codes(pcontext)
-    code = plan.preemption_exit_code
+    together = {plan.preemption_exit_code, failures.STALL_EXIT_CODE}
     running = [c for c in codes.values() if c is None]
-    if not running or code not in codes.values() or any(c not in (None, 0, code) for c in codes.values()):
+    if (
+        not running
+        or not together & set(codes.values())
+        or any(c not in (None, 0, *together) for c in codes.values())
+    ):
         return False
     now = time.monotonic()
     state._preempted_since = state._preempted_since or now

@@ -279,12 +279,10 @@ def stalled(failures: list[WorkerFailure]) -> bool:
 def _stall_headline(failures: list[WorkerFailure], evidence: Evidence) -> list[str]:
     """The merged diagnosis names the rank that is not in the collective; the launcher only adds how the
     workers ended (every one of them waited, so none "failed first")."""
-    ranks = ", ".join(
-        str(f.rank) for f in sorted(failures, key=lambda f: f.rank) if not f.stopped_by_launcher
-    )
+    own = [str(f.rank) for f in sorted(failures, key=lambda f: f.rank) if not f.stopped_by_launcher]
     ended = (
-        f"  ranks {ranks} on machine {evidence.machine_rank} ({evidence.hostname}) were ended by the stall "
-        f"watchdog (exit code {STALL_EXIT_CODE}) after dumping their state."
+        f"  {'ranks' if len(own) > 1 else 'rank'} {', '.join(own)} on machine {evidence.machine_rank} ({evidence.hostname}) were ended by the stall "
+        f"watchdog (exit code {STALL_EXIT_CODE}) after dumping {'their' if len(own) > 1 else 'its'} state."
     )
     if evidence.diagnosis:
         return [evidence.diagnosis.rstrip(), ended]
