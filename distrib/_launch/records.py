@@ -73,6 +73,15 @@ def install_worker_guards() -> None:
             _stack_file.append(handle)
             # chain=True: after the dump the default action (or an earlier handler) still runs
             faulthandler.register(signal.SIGTERM, file=handle, all_threads=True, chain=True)
+            # a forked child (a DataLoader worker) must not dump into this rank's file when the launcher
+            # stops the whole process group
+            os.register_at_fork(after_in_child=_forget_stack_dump)
+
+
+def _forget_stack_dump() -> None:
+    with contextlib.suppress(RuntimeError, ValueError):
+        faulthandler.unregister(signal.SIGTERM)
+    _stack_file.clear()
 
 
 def record_exit(exit_code: int, exc: BaseException | None = None, *, how: str = "exit") -> None:
