@@ -125,6 +125,7 @@ class DistribAgent(LocalElasticAgent):  # type: ignore[misc]
     def __init__(self, *args: Any, plan: LaunchPlan, root: Path, recorder: StopRecorder, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.plan, self.root, self.recorder = plan, root, recorder
+        self.rdzv_handler = kwargs["spec"].rdzv_handler
         self.attempt = -1
         self.directory: Path | None = None
         self.failed: list[FailedAttempt] = []

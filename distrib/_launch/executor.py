@@ -134,7 +134,7 @@ def _run(plan: LaunchPlan, agent: Any) -> dict[int, Any]:
         raise _stopped(plan, agent, exc.sigval) from None
     finally:
         if not stopped_by_signal:  # as torchrun: a signalled agent leaves the rendezvous open for the others
-            agent._worker_group.spec.rdzv_handler.shutdown()
+            agent.rdzv_handler.shutdown()
     if result.is_failed():
         raise _failed(plan, agent)
     return dict(result.return_values)

@@ -19,6 +19,7 @@ def distrib_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The test process's environment without distrib's, SLURM's or OpenMP's variables, and no config file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTRIB_", "SLURM_", "OMP_NUM_THREADS"))}
     env["DISTRIB_CONFIG_DIR"] = str(tmp_path / "no-config")
+    env["TMPDIR"] = str(tmp_path)  # the diagnostics a failed launch keeps stay in the test's directory
     env.update(extra)
     return env
 
