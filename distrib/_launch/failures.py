@@ -281,14 +281,21 @@ def _stall_headline(failures: list[WorkerFailure], evidence: Evidence) -> list[s
     workers ended (every one of them waited, so none "failed first")."""
     own = [str(f.rank) for f in sorted(failures, key=lambda f: f.rank) if not f.stopped_by_launcher]
     ended = (
-        f"  {'ranks' if len(own) > 1 else 'rank'} {', '.join(own)} on machine {evidence.machine_rank} ({evidence.hostname}) were ended by the stall "
+        f"  {'ranks' if len(own) > 1 else 'rank'} {', '.join(own)} on machine {evidence.machine_rank} ({evidence.hostname}) {'were' if len(own) > 1 else 'was'} ended by the stall "
         f"watchdog (exit code {STALL_EXIT_CODE}) after dumping {'their' if len(own) > 1 else 'its'} state."
     )
+    early = [
+        f"  rank {r.rank} had exited early with code 0 at {time.strftime('%H:%M:%S', time.localtime(r.time))}, "
+        "while the others still ran: it is the rank they waited for."
+        for r in sorted(evidence.exits.values(), key=lambda r: r.rank)
+        if r.exit_code == 0
+    ]
     if evidence.diagnosis:
-        return [evidence.diagnosis.rstrip(), ended]
+        return [evidence.diagnosis.rstrip(), *early, ended]
     return [
         "distrib: the run stalled: no rank made progress for stall_timeout seconds, and no merged diagnosis was "
         "found (the dumps of the other machines' ranks are on those machines).",
+        *early,
         ended,
     ]
 

@@ -247,5 +247,12 @@ def test_after_a_stall_the_merged_diagnosis_is_the_headline_and_no_rank_failed_f
     assert failures.exit_code(failures.first_failure(found)) == 124
     without = report(found)
     assert without.startswith("distrib: the run stalled") and "no merged diagnosis was found" in without
+    left = {1: records.WorkerRecord(rank=1, exit_code=0, time=3.0)}
+    one = report([failure(0, failures.STALL_EXIT_CODE, 9.0)], diagnosis=diagnosis, exits=left)
+    assert "rank 1 had exited early with code 0 at " in one and "it is the rank they waited for" in one
+    assert (
+        "  rank 0 on machine 0 (node7) was ended by the stall watchdog (exit code 124) after dumping its state."
+        in one
+    )
     crashed = [failure(0, failures.STALL_EXIT_CODE, 9.0), failure(1, 1, 9.5, traceback="ValueError: x")]
     assert not failures.stalled(crashed) and failures.first_failure(crashed).rank == 1  # a crash is the cause
