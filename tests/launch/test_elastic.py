@@ -93,8 +93,8 @@ def test_machines_leave_and_join_and_the_run_resumes_at_each_new_size(tmp_path: 
         for part in out_a.read_text().split("START")[1:]
     ]
     for (_, step, resumed), previous in zip(starts[1:], steps_before):
-        assert resumed and previous - 1 <= step <= previous, _shown(
-            tmp_path
-        )  # the last checkpoint, not step 0
+        # the last checkpoint, not step 0: the step last printed, or one more when the workers were stopped
+        # between saving it and printing it, or one less when they were stopped in the middle of a save
+        assert resumed and step > 0 and previous - 1 <= step <= previous + 1, _shown(tmp_path)
     assert "DONE rank=0" in out_a.read_text() and "DONE rank=1" in (tmp_path / "out_b2.txt").read_text()
     assert "a machine joined or left; restarting the worker group" in out_a.read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 
 import pytest
 import torch
@@ -40,13 +41,15 @@ def test_notebook_launcher_returns_every_rank_result_with_settings_and_environme
     assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
-def test_the_first_failure_is_raised_with_its_rank_and_traceback():
+def test_the_first_failure_is_raised_with_its_rank_and_traceback(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the kept diagnostics go
     with pytest.raises(LaunchError) as info:
         distrib.debug_launcher(_fail_on_rank_1, num_processes=2)  # CPU, gloo
     message = str(info.value)
     assert message.startswith("distrib: rank 1 (local rank 1) on machine 0"), message
     assert "ValueError: rank 1 refuses" in message
     assert 'raise ValueError("rank 1 refuses")' in message
+    assert f"Diagnostics of this run are kept in {tmp_path}" in message
 
 
 def test_bad_arguments_are_refused_before_any_process_starts():
