@@ -12,7 +12,10 @@ How the process was started is detected from, in order:
 
 Settings chosen by the launcher arrive as `DISTRIB_<SETTING>` variables, one per `Settings` field
 (`DISTRIB_MIXED_PRECISION=bf16`, `DISTRIB_GRADIENT_ACCUMULATION_STEPS=4`, ...); the per-strategy option
-objects travel as JSON (`DISTRIB_FSDP='{"sharding": "grad_op"}'`). `DISTRIB_CONFIG_DIR` and
+objects travel as JSON (`DISTRIB_FSDP='{"sharding": "grad_op"}'`); `_codec.py` writes and reads their
+text. (Three more variables pass from `distrib launch` to its worker bootstrap, which must read them
+before anything but the standard library is imported: `DISTRIB_DIAGNOSTICS_DIR`, `DISTRIB_LAUNCHER_PID`
+and `DISTRIB_GRACE_PERIOD`, in `_launch/records.py`.) `DISTRIB_CONFIG_DIR` and
 `XDG_CONFIG_HOME` locate the config file. The launcher (`distrib launch`) also reads, through
 `slurm_step` and `omp_num_threads`, the SLURM step variables (`SLURM_STEP_NUM_NODES`, `SLURM_NODEID`,
 `SLURM_STEP_NUM_TASKS`, `SLURM_STEP_NODELIST`, `SLURM_JOB_ID`) and an exported `OMP_NUM_THREADS`.
@@ -21,7 +24,6 @@ objects travel as JSON (`DISTRIB_FSDP='{"sharding": "grad_op"}'`). `DISTRIB_CONF
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -29,11 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import _validation
-from ._settings import Settings, settings_field_types
+from . import _codec, _validation
+from ._settings import Settings
 from .errors import SettingsError
 
-PREFIX = "DISTRIB_"
 Launcher = Literal["python", "torchrun", "slurm", "mpi"]
 DEFAULT_PORT = 29500
 
@@ -55,17 +56,6 @@ class ProcessEnvironment:
     restart_count: int = 0
     # torchrun's agent hosts the job's store at MASTER_ADDR:MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE)
     agent_store: bool = False
-
-    def torch_variables(self) -> dict[str, str]:
-        """The variables `torch.distributed`'s `env://` rendezvous reads, for launchers that lack them."""
-        return {
-            "RANK": str(self.rank),
-            "WORLD_SIZE": str(self.world_size),
-            "LOCAL_RANK": str(self.local_rank),
-            "LOCAL_WORLD_SIZE": str(self.local_world_size),
-            "MASTER_ADDR": self.master_addr or "127.0.0.1",
-            "MASTER_PORT": str(self.master_port or DEFAULT_PORT),
-        }
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> ProcessEnvironment:
@@ -178,40 +168,8 @@ def first_slurm_host(nodelist: str) -> str | None:
 
 
 def launcher_settings(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Typed `Settings` values found in `DISTRIB_<FIELD>` variables."""
-    types = settings_field_types()
-    found: dict[str, Any] = {}
-    for name, tp in types.items():
-        text = environ.get(PREFIX + name.upper())
-        if text is not None:
-            found[name] = _validation.parse_text(f"launcher variable {PREFIX}{name.upper()}", text, tp)
-    return found
-
-
-def settings_to_environment(values: Mapping[str, Any]) -> dict[str, str]:
-    """The `DISTRIB_*` variables that carry `values` (a subset of `Settings` fields) to the workers."""
-    types = settings_field_types()
-    out: dict[str, str] = {}
-    for name, value in values.items():
-        if name not in types:
-            raise SettingsError(f"{name!r} is not a setting; valid names are: {', '.join(sorted(types))}.")
-        out[PREFIX + name.upper()] = _to_text(value)
-    return out
-
-
-def _to_text(value: Any) -> str:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        plain = {
-            f.name: getattr(value, f.name)
-            for f in dataclasses.fields(value)
-            if getattr(value, f.name) != f.default and not callable(getattr(value, f.name))
-        }
-        return json.dumps(plain)
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "none" if value is None else str(value)
+    """Typed `Settings` values found in `DISTRIB_<FIELD>` variables (decoded by `_codec`)."""
+    return _codec.from_environment(environ)
 
 
 def resolve_settings(code: Mapping[str, Any], environ: ProcessEnvironment) -> tuple[Settings, list[str]]:
@@ -233,25 +191,18 @@ def resolve_settings(code: Mapping[str, Any], environ: ProcessEnvironment) -> tu
 
 
 def _merge_options(name: str, launched: Any, code: Any, conflicts: list[str]) -> Any:
-    if isinstance(code, Mapping):
-        given = dict(code)
-    else:
-        defaults = type(code)()
-        given = {
-            f.name: getattr(code, f.name)
-            for f in dataclasses.fields(code)
-            if getattr(code, f.name) != getattr(defaults, f.name)
-        }
+    given = _codec.section_fields(name, code, source="distributed()")
+    defaults = type(launched)()
     for key, value in given.items():
         old = getattr(launched, key, value)
-        if old != value and old != getattr(type(launched)(), key, None):
+        if old != value and old != getattr(defaults, key, None):
             conflicts.append(_conflict(f"{name}.{key}", value, old))
     current = {f.name: getattr(launched, f.name) for f in dataclasses.fields(launched)}
     return _validation.build(type(launched), {**current, **given}, owner=type(launched).__name__)
 
 
 def _conflict(name: str, code: Any, launcher: Any) -> str:
-    variable = PREFIX + name.split(".")[0].upper()
+    variable = _codec.variable(name)
     return (
         f"setting {name!r}: the code asks for {code!r} but the launcher set {launcher!r} ({variable}); "
         "using the code's value. Remove one of them to silence this."
@@ -307,9 +258,3 @@ def omp_num_threads(environ: Mapping[str, str] | None = None) -> str | None:
     """The `OMP_NUM_THREADS` value, if set (the launcher keeps a value the user exported)."""
     env = os.environ if environ is None else environ
     return env.get("OMP_NUM_THREADS")
-
-
-def cuda_visible_devices(environ: Mapping[str, str] | None = None) -> str | None:
-    """The `CUDA_VISIBLE_DEVICES` value, if set."""
-    env = os.environ if environ is None else environ
-    return env.get("CUDA_VISIBLE_DEVICES")

@@ -18,7 +18,7 @@ ZeroStage = Literal[0, 1, 2, 3]
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompileOptions:
+class CompileOptions(_validation.KeywordFields):
     """How `torch.compile` runs on prepared models (the `compile` setting; `compile=True` takes these
     defaults). Accelerate calls this the dynamo backend.
 
@@ -46,7 +46,7 @@ class CompileOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DDPOptions:
+class DDPOptions(_validation.KeywordFields):
     """Options passed to `torch.nn.parallel.DistributedDataParallel`.
 
     Example::
@@ -61,9 +61,17 @@ class DDPOptions:
     gradient_as_bucket_view: bool = False
     broadcast_buffers: bool = True
 
+    def __post_init__(self) -> None:
+        _validation.validate_fields(self)
+        if self.bucket_cap_mb is not None and not self.bucket_cap_mb > 0:
+            raise SettingsError(
+                f"DDPOptions.bucket_cap_mb={self.bucket_cap_mb} must be a positive size in MiB (DDP's default "
+                "is 25), or None for the default."
+            )
+
 
 @dataclass(frozen=True, kw_only=True)
-class FSDPOptions:
+class FSDPOptions(_validation.KeywordFields):
     """Options of the FSDP2 (`torch.distributed.fsdp.fully_shard`) strategy.
 
     `sharding`:
@@ -129,7 +137,7 @@ class FSDPOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DeepSpeedOptions:
+class DeepSpeedOptions(_validation.KeywordFields):
     """Options of the DeepSpeed strategy (needs `pip install 'distrib[deepspeed]'`).
 
     `config` is a DeepSpeed config dict or the path of a JSON file. Without one, a config is built from
@@ -162,10 +170,30 @@ class DeepSpeedOptions:
             raise SettingsError(
                 f"DeepSpeedOptions.gradient_clipping={self.gradient_clipping} must be >= 0 (0 disables it)."
             )
+        self._check_offload()
+
+    def _check_offload(self) -> None:
+        """Offloads an explicit ZeRO stage cannot honour, refused where they are written (the launcher's flags
+        included) rather than when the engine starts. Without a stage here, it comes from the config file or
+        from options merged later (code and launcher), and the DeepSpeed config builder checks it."""
+        stage = self.zero_stage
+        if stage is None:
+            return
+        if self.offload_params and stage != 3:
+            raise SettingsError(
+                f"DeepSpeedOptions.offload_params=True needs ZeRO stage 3 (only ZeRO-3 partitions the "
+                f"parameters it could offload), but the stage is {stage}; set zero_stage=3 (--zero-stage 3), "
+                "or offload only the optimizer state (offload_optimizer works with ZeRO 1 and 2)."
+            )
+        if self.offload_optimizer and stage == 0:
+            raise SettingsError(
+                "DeepSpeedOptions.offload_optimizer=True needs ZeRO stage 1, 2 or 3, but the stage is 0. "
+                "Set zero_stage (--zero-stage 2), or drop the offload."
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
-class XLAOptions:
+class XLAOptions(_validation.KeywordFields):
     """Options of the torch_xla strategy (TPUs and other XLA devices; `pip install 'distrib[xla]'`).
 
     `sync_every_step`: cut the lazy graph (`torch_xla.sync()` / `xm.mark_step()`) after every optimizer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import inspect
 import threading
@@ -16,7 +15,7 @@ from typing import Any, TypeVar, overload
 import torch
 import torch.distributed as dist
 
-from . import _preemption, _runtime, strategies
+from . import _codec, _preemption, _runtime, strategies
 from ._environment import read_environment, resolve_settings
 from ._runtime import Runtime, TrainingState
 from ._settings import Settings
@@ -110,7 +109,13 @@ class distributed:
     ) -> None:
         stack, self._stack = self._stack, None
         assert stack is not None
+        if exc is not None:
+            _note_failed_step(exc, self._steps_done())
         stack.__exit__(exc_type, exc, tb)
+
+    def _steps_done(self) -> int:
+        runtime = _runtime.current_or_none()
+        return runtime.state.optimizer_steps if runtime is not None else 0
 
 
 def _run_closers(runtime: Runtime) -> None:
@@ -168,14 +173,19 @@ def close_process_group(*, clean: bool) -> None:
         dist.destroy_process_group()
 
 
+def _note_failed_step(exc: BaseException, step: int) -> None:
+    """Put the optimizer step this scope failed at on the exception (the innermost scope's wins): the
+    worker bootstrap hands it to the launcher, whose crash-loop guard compares it across restarts."""
+    if getattr(exc, "distrib_optimizer_step", None) is None:
+        try:
+            exc.distrib_optimizer_step = step  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type without a __dict__
+            pass
+
+
 def _explicit_values(settings: Settings) -> dict[str, Any]:
     """The fields of a Settings object that differ from the defaults (what the code asked for)."""
-    defaults = Settings()
-    return {
-        f.name: getattr(settings, f.name)
-        for f in dataclasses.fields(settings)
-        if getattr(settings, f.name) != getattr(defaults, f.name)
-    }
+    return _codec.explicit_fields(settings)
 
 
 @overload

@@ -22,7 +22,7 @@ MixedPrecision = Literal["no", "fp16", "bf16", "fp8"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Settings:
+class Settings(_validation.KeywordFields):
     """The settings of a `distributed(...)` scope. Build it with keyword arguments; it validates itself.
 
     Example::

@@ -8,6 +8,7 @@ name the field, the value and what is allowed, so the CLI, the config file and t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -99,14 +100,40 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:  # noqa: C901 - one branch 
 
 def build(cls: type, values: Mapping[str, Any], *, owner: str | None = None) -> Any:
     """Build a settings dataclass from a mapping, naming unknown keys and their closest allowed names."""
-    types_ = field_types(cls)
-    unknown = sorted(set(values) - set(types_))
-    if unknown:
-        raise SettingsError(
-            f"unknown {'setting' if len(unknown) == 1 else 'settings'} {', '.join(map(repr, unknown))} "
-            f"for {owner or cls.__name__}; valid names are: {', '.join(sorted(types_))}."
-        )
+    check_names(cls, values, owner=owner)
     return cls(**values)
+
+
+def check_names(cls: type, values: Mapping[str, Any], *, owner: str | None = None) -> None:
+    """Raise `SettingsError` naming the keys of `values` that are no field of the dataclass `cls`."""
+    names = getattr(cls, "__dataclass_fields__", {})
+    unknown = sorted(str(k) for k in values if k not in names)
+    if not unknown:
+        return
+    close = [c[0] for k in unknown if (c := difflib.get_close_matches(k, list(names), n=1))]
+    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    raise SettingsError(
+        f"unknown {'setting' if len(unknown) == 1 else 'settings'} {', '.join(map(repr, unknown))} "
+        f"for {owner or cls.__name__}{hint}; valid names are: {', '.join(sorted(names))}."
+    )
+
+
+class KeywordFields:
+    """Base of the frozen settings dataclasses: `Settings(foo=1)` gets the same error as
+    `distributed(foo=1)` (the unknown name, the closest valid one, all valid names), not a bare TypeError,
+    and a positional argument is refused with the keyword spelling."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            first = next(iter(getattr(cls, "__dataclass_fields__", {"name": None})))
+            raise SettingsError(
+                f"{cls.__name__} takes keyword arguments only, e.g. {cls.__name__}({first}=...); "
+                f"got {len(args)} positional argument(s): {', '.join(map(repr, args))}."
+            )
+        check_names(cls, kwargs)
+        return super().__new__(cls)
 
 
 def validate_fields(obj: Any) -> None:
@@ -134,11 +161,14 @@ def parse_text(label: str, text: str, tp: Any) -> Any:
             candidates.append(conv(text))
         except ValueError:
             pass
-    if text.strip().startswith(("{", "[")):
+    if text.strip().startswith(("{", "[", '"')):
         try:
-            candidates.append(json.loads(text))
+            decoded = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SettingsError(f"{label}: {text!r} is not valid JSON ({exc}).") from None
+        if isinstance(decoded, str):  # a quoted string is that string, never a keyword or a number
+            candidates = []
+        candidates.append(decoded)
     candidates.append(text)
     for candidate in candidates:
         ok, out = _match(candidate, tp)

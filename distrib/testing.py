@@ -40,7 +40,6 @@ def _worker(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     results: Any,
-    timeout: float,
 ) -> None:
     import faulthandler
     import signal
@@ -90,7 +89,7 @@ def run_ranks(
     context = mp.get_context("spawn")
     results = context.Queue()
     procs = [
-        context.Process(target=_worker, args=(fn, r, world_size, environ, args, kwargs, results, timeout))
+        context.Process(target=_worker, args=(fn, r, world_size, environ, args, kwargs, results))
         for r in range(world_size)
     ]
     for p in procs:

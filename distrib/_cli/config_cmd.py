@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import click
 
 from .. import _validation
-from .._launch import config_file
+from .._launch import config_file, rules
 from .._launch.options import LAUNCH_DEFAULTS, RdzvBackend
 from .._options import DeepSpeedOptions, FSDPOptions
 from .._settings import Settings, choices
@@ -115,8 +116,10 @@ def _ask_processes(values: dict[str, Any], gpu_count: int) -> None:
 
     def multiple_of_machines(text: str) -> int:
         value = int(click.IntRange(1).convert(text, None, None))  # type: ignore[arg-type]
-        if value % n:
-            raise click.UsageError(f"{value} is not a multiple of the {n} machines.")
+        try:
+            rules.check_processes(value, n, "answer")
+        except SettingsError as exc:
+            raise click.UsageError(str(exc)) from None
         return value
 
     values["num_processes"] = click.prompt(
@@ -125,9 +128,18 @@ def _ask_processes(values: dict[str, Any], gpu_count: int) -> None:
         value_proc=multiple_of_machines,
     )
     if not cpu and gpu_count:
-        ids = click.prompt("Which GPUs should this machine use (e.g. 0,1)?", default="all")
+        ids = click.prompt(
+            "Which GPUs should this machine use (e.g. 0,1)?", default="all", value_proc=_gpu_ids_answer
+        )
         if ids != "all":
             values["gpu_ids"] = ids
+
+
+def _gpu_ids_answer(text: str) -> str:
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if text.strip().lower() != "all" and (not ids or not all(part.isdigit() for part in ids)):
+        raise click.UsageError(f"{text!r} is not a list of GPU numbers like 0,1 (or all).")
+    return "all" if text.strip().lower() == "all" else ",".join(ids)
 
 
 def _ask_training(values: dict[str, Any]) -> None:
@@ -135,8 +147,10 @@ def _ask_training(values: dict[str, Any]) -> None:
 
     def precision(text: str) -> str:
         value = str(LiteralChoice(choices("mixed_precision")).convert(text, None, None))
-        if values.get("cpu") and value in ("fp16", "fp8"):
-            raise click.UsageError(f"{value} needs a GPU; choose bf16 or no on CPU.")
+        try:
+            rules.check_precision(value, "cpu" if values.get("cpu") else "cuda", "answer")
+        except SettingsError as exc:
+            raise click.UsageError(str(exc)) from None
         return value
 
     values["mixed_precision"] = click.prompt(
@@ -157,19 +171,44 @@ def _ask_fsdp(values: dict[str, Any]) -> None:
 
 
 def _ask_deepspeed(values: dict[str, Any]) -> None:
-    path = click.prompt(
-        "DeepSpeed JSON config file (empty: build one from the next answers)?", default="", show_default=False
-    )
-    if path:
-        values["deepspeed.config"] = str(Path(path).expanduser().resolve())
-        return
+    """The ZeRO stage first (every DeepSpeed run has one), then the optional JSON config, which must exist;
+    offloads only where the stage allows them."""
     stages = _validation.literal_values(_validation.field_types(DeepSpeedOptions)["zero_stage"])
     stage = values["deepspeed.zero_stage"] = click.prompt(
         "ZeRO stage?", type=LiteralChoice(stages), default=2
     )
-    values["deepspeed.offload_optimizer"] = click.confirm("Offload optimizer state to CPU?", default=False)
+    path = click.prompt(
+        "DeepSpeed JSON config file (empty: none, distrib builds the config)?",
+        default="",
+        show_default=False,
+        value_proc=_existing_json_or_empty,
+    )
+    if path:
+        values["deepspeed.config"] = path
+    if stage != 0:
+        values["deepspeed.offload_optimizer"] = click.confirm(
+            "Offload optimizer state to CPU?", default=False
+        )
     if stage == 3:
         values["deepspeed.offload_params"] = click.confirm("Offload parameters to CPU?", default=False)
+
+
+def _existing_json_or_empty(text: str) -> str:
+    """A prompt answer: empty, or the path of a readable JSON file (re-asked otherwise)."""
+    if not text.strip():
+        return ""
+    path = Path(text.strip()).expanduser().resolve()
+    if not path.is_file():
+        raise click.UsageError(
+            f"{path} does not exist; give the path of a DeepSpeed JSON config, or leave it empty."
+        )
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise click.UsageError(
+            f"{path} is not a readable JSON file ({exc}); fix it, or leave the answer empty."
+        ) from None
+    return str(path)
 
 
 @config.command("show")

@@ -13,23 +13,27 @@ Schema version 1, flat keys plus one section per strategy::
 
 Valid keys are the launch options (`options.ROWS`), every scalar `Settings` field, the fields of the
 option sections (`ddp`, `fsdp`, `deepspeed`, `xla`) and `env`. Values are checked against the same
-annotations the runtime uses. An Accelerate `default_config.yaml` is recognised and translated.
+annotations the runtime uses, and combinations against `rules.py`. The file must be UTF-8 and may not
+repeat a key (YAML itself keeps the last one without a word). An Accelerate `default_config.yaml` is
+recognised and translated (`accelerate_compat.py`).
 """
 
 from __future__ import annotations
 
 import collections.abc
 import difflib
+import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_origin
 
-from .. import _environment, _validation
-from .._settings import settings_field_types
+from .. import _codec, _environment, _validation
+from .._settings import Settings, settings_field_types
 from ..errors import SettingsError
-from . import accelerate_compat
+from . import accelerate_compat, rules
 from .options import ROWS, ROWS_BY_KEY, SECTIONS, strip_none
 
 VERSION = 1
@@ -60,12 +64,12 @@ def default_origin() -> str:
 
 
 def schema() -> dict[str, Any]:
-    """Every valid flat key and its annotation."""
+    """Every valid flat key and its annotation (callable option fields included: `check` refuses them
+    with the reason instead of calling them unknown)."""
     keys: dict[str, Any] = {name: tp for name, tp in settings_field_types().items() if name not in SECTIONS}
     for section, cls in SECTIONS.items():
         for name, tp in _validation.field_types(cls).items():
-            if get_origin(strip_none(tp)) is not collections.abc.Callable:
-                keys[f"{section}.{name}"] = tp
+            keys[f"{section}.{name}"] = tp
     for row in ROWS:
         if not row.is_setting:
             keys[row.key] = row.annotation
@@ -90,8 +94,7 @@ def load_effective(explicit: str | None) -> ConfigFile:
 
 def load(path: Path, *, origin: str = "--config-file") -> ConfigFile:
     """Read and validate one file; errors name the file, the key, the value and what is allowed."""
-    text = path.read_text(encoding="utf-8")
-    raw = parse_yaml(text, str(path))
+    raw = parse_yaml(read_text(path), str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -101,24 +104,70 @@ def load(path: Path, *, origin: str = "--config-file") -> ConfigFile:
     notes: tuple[str, ...] = ()
     kind = "distrib"
     if accelerate_compat.looks_like_accelerate(raw):
-        raw, found = accelerate_compat.translate(raw)
+        raw, found = accelerate_compat.translate(raw, str(path))
         notes, kind = tuple(f"{path}: {w}" for w in found), "accelerate"
     values, env = validate(raw, str(path))
     return ConfigFile(path=path, origin=origin, values=values, env=env, warnings=notes, format=kind)
 
 
+def read_text(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 is an error naming the file, the line and the byte."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read the config file ({exc.strerror or exc}).") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SettingsError(
+            f"{path}: not valid UTF-8 (byte {data[exc.start]:#04x} on line {line}); save the config file "
+            "as UTF-8."
+        ) from None
+
+
 def parse_yaml(text: str, source: str) -> Any:
-    """`yaml.safe_load`, with syntax errors reported with their line and column."""
+    """`yaml.safe_load` that refuses a repeated key; syntax errors are reported with line and column."""
     import yaml  # here, not at the top: `distrib --help` never needs it
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_strict_loader())  # a SafeLoader: no tags run code
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise SettingsError(f"{source}: invalid YAML at {where}: {exc.problem or exc}.") from None
     except yaml.YAMLError as exc:
         raise SettingsError(f"{source}: invalid YAML: {exc}.") from None
+
+
+_LOADER: list[Any] = []
+
+
+def _strict_loader() -> Any:
+    """A `yaml.SafeLoader` whose mappings refuse a key given twice (plain YAML keeps the last one)."""
+    if _LOADER:
+        return _LOADER[0]
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, collections.abc.Hashable):
+                    continue  # the base class reports unhashable keys
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"key {key!r} is given twice (first on line {seen[key].line + 1}); keep one of them",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep=deep)
+
+    _LOADER.append(StrictLoader)
+    return StrictLoader
 
 
 def validate(raw: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -129,64 +178,55 @@ def validate(raw: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict[
 
 
 def validate_flat(flat: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Check flat values (dotted keys) against the schema; return them normalised."""
+    """Check flat values (dotted keys) against the schema and the rules; return them normalised."""
     known = schema()
     values: dict[str, Any] = {}
     for key, value in flat.items():
         if key not in known:
             raise SettingsError(_unknown_key(source, key, known))
         values[key] = check(source, key, value, known[key])
-    check_combinations(values, source)
+    rules.check_combinations(values, source)
+    _check_settings(values, source)
     return values
+
+
+def _check_settings(values: Mapping[str, Any], source: str) -> None:
+    """The settings of the file built once, so a rule over several fields of `Settings` or an option
+    section (a positive bucket size, an offload the ZeRO stage cannot honour) fails here, naming the file."""
+    names = settings_field_types()
+    chosen = {k: v for k, v in values.items() if k.split(".")[0] in names}
+    try:
+        Settings.from_mapping(_codec.from_flat(chosen, source=source))
+    except SettingsError as exc:
+        raise SettingsError(f"{source}: {exc}") from None
 
 
 def flatten(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     """`{fsdp: {sharding: full}}` -> `{"fsdp.sharding": "full"}`; `version` and `env` left out."""
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in ("version", "env"):
-            continue
-        if key in SECTIONS:
-            if value is None:
-                continue
-            if not isinstance(value, Mapping):
-                names = ", ".join(_validation.field_types(SECTIONS[key]))
-                raise SettingsError(f"{source}: {key} must be a mapping of options ({names}), got {value!r}.")
-            flat.update({f"{key}.{name}": v for name, v in value.items()})
-        else:
-            flat[str(key)] = value
-    return flat
+    return _codec.to_flat({str(k): v for k, v in raw.items() if k not in ("version", "env")}, source=source)
 
 
 def check(source: str, key: str, value: Any, annotation: Any) -> Any:
-    """Validate one value (type, then the row's bounds); return it normalised."""
+    """Validate one value (type, then the row's bounds and conversion); return it normalised."""
+    if get_origin(strip_none(annotation)) is collections.abc.Callable:
+        raise SettingsError(
+            f"{source}: {key} takes a Python function, which a config file or the launcher cannot hand to the "
+            "worker processes. Set it in the code they run (distributed(fsdp=FSDPOptions(...))), or use "
+            "fsdp.wrap_classes / fsdp.min_num_params, which can travel."
+        )
     try:
         value = _validation.check_value("config", key, value, annotation)
     except SettingsError as exc:
         raise SettingsError(f"{source}: {exc}") from None
     row = ROWS_BY_KEY.get(key)
-    if row is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if row is None:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         if row.minimum is not None and value < row.minimum:
             raise SettingsError(f"{source}: {key}={value!r} is out of range: must be >= {row.minimum:g}.")
         if row.maximum is not None and value > row.maximum:
             raise SettingsError(f"{source}: {key}={value!r} is out of range: must be <= {row.maximum:g}.")
-    return value
-
-
-def check_combinations(values: Mapping[str, Any], source: str) -> None:
-    """Combinations no run can have: several machines without an address, a rank beyond the count."""
-    num_machines = values.get("num_machines", 1)
-    rank = values.get("machine_rank", 0)
-    if rank >= num_machines:
-        raise SettingsError(
-            f"{source}: machine_rank={rank} is out of range for num_machines={num_machines}: "
-            f"allowed values are 0 to {num_machines - 1}."
-        )
-    if num_machines > 1 and not values.get("main_process_ip"):
-        raise SettingsError(
-            f"{source}: num_machines={num_machines} needs main_process_ip (--main-process-ip), the address "
-            "of machine 0 that every machine can reach."
-        )
+    return row.convert(value, source) if row.convert is not None else value
 
 
 def _check_version(raw: Mapping[str, Any], source: str) -> None:
@@ -217,7 +257,7 @@ def _env_mapping(env: Any, source: str) -> dict[str, str]:
     for name, value in env.items():
         if not isinstance(name, str) or not _ENV_NAME.match(name):
             raise SettingsError(f"{source}: env key {name!r} is not a valid environment variable name.")
-        if isinstance(value, (Mapping, list)):
+        if value is None or isinstance(value, (Mapping, list)):
             raise SettingsError(f"{source}: env.{name}={value!r} must be a string, number or boolean.")
         out[name] = ("true" if value else "false") if isinstance(value, bool) else str(value)
     return out
@@ -225,13 +265,8 @@ def _env_mapping(env: Any, source: str) -> dict[str, str]:
 
 def to_yaml(values: Mapping[str, Any], env: Mapping[str, str] | None = None) -> str:
     """The YAML text of flat values (sections nested again), `version` first."""
-    doc: dict[str, Any] = {"version": VERSION}
-    for key, value in values.items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            doc.setdefault(section, {})[name] = list(value) if isinstance(value, tuple) else value
-        else:
-            doc[key] = value
+    plain = {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+    doc: dict[str, Any] = {"version": VERSION, **_codec.from_flat(plain)}
     if env:
         doc["env"] = dict(env)
     import yaml
@@ -240,8 +275,16 @@ def to_yaml(values: Mapping[str, Any], env: Mapping[str, str] | None = None) -> 
 
 
 def write(path: Path, values: Mapping[str, Any], env: Mapping[str, str] | None = None) -> None:
-    """Validate and write a config file, creating its directory."""
+    """Validate and write a config file atomically (a reader sees the old file or the new one), creating
+    its directory."""
     text = to_yaml(values, env)
     validate(parse_yaml(text, str(path)), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,15 +1,12 @@
 """Run a `LaunchPlan`: torch's elastic agent (or `torch_xla.launch`) does the process work.
 
-The elastic executor builds a `torch.distributed.launcher.api.LaunchConfig` from the plan (the same
-object `torchrun` builds from its flags) and calls `elastic_launch`: rendezvous (static or c10d) on the
-main process address, one agent per machine starting `processes_per_machine` workers, health checks
-every `monitor_interval` seconds, stopping every worker when one fails, and restarting the group up to
-`max_restarts` times. A final failure arrives as `ChildFailedError`; `failures.py` turns it into a report.
-
-The rendezvous backends are torch's own, wrapped (`FreshWorkerStore`) so that the workers of every attempt
-get a new, empty store: torch's agent keeps one store for the whole job and, since torch 2.5, `env://` no
-longer gives each restart attempt a namespace of its own, so after a restart a rank could read the gloo
-(or NCCL) address a rank of the failed attempt left there and fail to connect, or hang.
+The elastic executor hands the plan to torch's `LocalElasticAgent` (`agent.py`, as `torchrun` does):
+rendezvous (static or c10d) on the main process address, one agent per machine starting
+`processes_per_machine` workers, health checks every `monitor_interval` seconds, stopping every worker
+when one fails, and restarting the group up to `max_restarts` times (or at a new size, when an elastic
+run's membership changes). Each worker gets `DISTRIB_DIAGNOSTICS_DIR` (one directory per attempt, kept
+after a failure), `DISTRIB_LAUNCHER_PID` and `DISTRIB_GRACE_PERIOD` (`records.py`). A final failure becomes
+one report (`failures.py`), the stall watchdog's merged diagnosis included when there is one.
 """
 
 from __future__ import annotations
@@ -17,20 +14,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import LaunchError, missing_extra
-from . import failures
+from . import failures, records, worker
 from .plan import LaunchPlan
-
-SHUTDOWN_TIMEOUT_S = 5
 
 
 def free_port() -> int:
@@ -74,185 +70,6 @@ def resolve_port(plan: LaunchPlan) -> LaunchPlan:
     return dataclasses.replace(plan, main_process_port=free_port())
 
 
-# distrib's rendezvous backend names -> torch's backend each one wraps.
-WRAPPED_BACKENDS = {"distrib-static": "static", "distrib-c10d": "c10d"}
-
-
-class FreshWorkerStore:
-    """A torch rendezvous handler, except that the workers of every attempt get a new, empty store.
-
-    Why: torch's elastic agent hosts one TCPStore for the whole job and tells the workers to use it
-    (`TORCHELASTIC_USE_AGENT_STORE=True`); `init_process_group("env://")` then keeps its keys there with no
-    per-attempt prefix (torch <= 2.4 added `/worker/attempt_N`; 2.5 removed it, expecting a new store per
-    attempt that the static and the c10d handler do not create). After `--max-restarts` restarts the group,
-    the keys of the failed attempt are still there, among them each rank's gloo address, and a new rank
-    that reads one before its peer has overwritten it connects to a process that is gone ("Gloo
-    connectFullMesh failed ... Connection refused") or, across machines, to a rank of the old attempt
-    that is still alive (both hang). The agent itself keeps using torch's store.
-
-    How: after each rendezvous, the node with rank 0 starts a TCPStore server on a free port and publishes
-    the port in the rendezvous store; every node hands that address to its workers (`MASTER_PORT`). The
-    previous attempt's server stops when it is replaced (this machine's workers of that attempt are gone:
-    the agent stops them before it rendezvouses again). The key is scoped to the attempt: the c10d
-    handler's store is already per round; the static handler's is not, so the key carries this agent's
-    own attempt number, which advances in step on every machine (static rendezvous restarts only after a
-    failure). So with static rendezvous on several machines, a restarted machine waits here, up to
-    --rdzv-timeout, until machine 0 has restarted too.
-    """
-
-    def __init__(self, inner: Any, backend: str) -> None:
-        self._inner = inner
-        self._backend = backend
-        self._attempt = -1
-        self._server: Any = None
-
-    def get_backend(self) -> str:
-        return self._backend
-
-    @property
-    def use_agent_store(self) -> bool:
-        return bool(self._inner.use_agent_store)
-
-    def next_rendezvous(self) -> Any:
-        from torch.distributed import TCPStore
-        from torch.distributed.elastic.rendezvous.api import (
-            RendezvousInfo,
-            RendezvousStoreInfo,
-            RendezvousTimeoutError,
-        )
-
-        info = self._inner.next_rendezvous()
-        self._attempt += 1
-        if not self._inner.use_agent_store:  # rank 0's worker hosts a new store itself on every attempt
-            return info
-        key = "distrib.worker_store_port" + (
-            f".{self._attempt}" if self._inner.get_backend() == "static" else ""
-        )
-        addr = info.bootstrap_store_info.master_addr
-        if info.rank == 0:
-            self._server = None  # the previous attempt's server stops first
-            self._server = TCPStore(addr, 0, is_master=True, wait_for_workers=False, multi_tenant=False)
-            info.store.set(key, str(self._server.port))
-        try:
-            port = int(info.store.get(key))
-        except Exception as exc:  # DistStoreError after the store's timeout (static: --rdzv-timeout)
-            raise RendezvousTimeoutError(
-                f"machine rank 0 did not start attempt {self._attempt} of the worker group in time (it may "
-                "still be running the failed attempt, or it stopped); see its output, or raise --rdzv-timeout."
-            ) from exc
-        return RendezvousInfo(info.store, info.rank, info.world_size, RendezvousStoreInfo(addr, port))
-
-    def is_closed(self) -> bool:
-        return bool(self._inner.is_closed())
-
-    def set_closed(self) -> None:
-        self._inner.set_closed()
-
-    def num_nodes_waiting(self) -> int:
-        return int(self._inner.num_nodes_waiting())
-
-    def get_run_id(self) -> str:
-        return str(self._inner.get_run_id())
-
-    def shutdown(self) -> bool:
-        self._server = None
-        return bool(self._inner.shutdown())
-
-    def __getattr__(self, name: str) -> Any:  # anything else a handler offers (settings, ...)
-        return getattr(self._inner, name)
-
-
-def _create_handler(params: Any) -> Any:
-    """Rendezvous handler factory for the `WRAPPED_BACKENDS` (registered with torch's registry)."""
-    from torch.distributed.elastic.rendezvous import RendezvousParameters, rendezvous_handler_registry
-
-    inner = rendezvous_handler_registry.create_handler(
-        RendezvousParameters(
-            backend=WRAPPED_BACKENDS[params.backend],
-            endpoint=params.endpoint,
-            run_id=params.run_id,
-            min_nodes=params.min_nodes,
-            max_nodes=params.max_nodes,
-            local_addr=params.local_addr,
-            **params.config,
-        )
-    )
-    return FreshWorkerStore(inner, params.backend)
-
-
-def register_rendezvous_backends() -> None:
-    """Make the `WRAPPED_BACKENDS` known to torch (idempotent)."""
-    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
-
-    for name in WRAPPED_BACKENDS:
-        rendezvous_handler_registry.register(name, _create_handler)
-
-
-def launch_config(plan: LaunchPlan, *, log_dir: str, start_method: str = "spawn") -> Any:
-    """The `LaunchConfig` torchrun would build for this plan, with our wrapped rendezvous backend."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.launcher.api import LaunchConfig
-
-    assert plan.main_process_port is not None, "resolve_port() first"
-    register_rendezvous_backends()
-    rdzv_configs: dict[str, Any] = {"timeout": plan.rdzv_timeout}
-    if plan.rdzv_backend == "static":
-        rdzv_configs["rank"] = plan.machine_rank
-    else:
-        rdzv_configs["is_host"] = plan.machine_rank == 0
-    extra: dict[str, Any] = {}
-    if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:
-        extra["shutdown_timeout"] = SHUTDOWN_TIMEOUT_S
-    return LaunchConfig(
-        min_nodes=plan.num_machines,
-        max_nodes=plan.num_machines,
-        nproc_per_node=plan.processes_per_machine,
-        run_id=plan.run_id,
-        role="worker",
-        rdzv_endpoint=f"{plan.main_process_ip}:{plan.main_process_port}",
-        rdzv_backend=f"distrib-{plan.rdzv_backend}",
-        rdzv_configs=rdzv_configs,
-        max_restarts=plan.max_restarts,
-        monitor_interval=plan.monitor_interval,
-        start_method=start_method,
-        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
-        **extra,
-    )
-
-
-class _RestartNotice(logging.Filter):
-    """Turns the agent's "will restart worker group" record into one line of ours; drops the rest."""
-
-    def __init__(self, quiet: bool) -> None:
-        super().__init__()
-        self.quiet = quiet
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "will restart worker group" in str(record.msg) and "attempts left" in str(record.msg):
-            if not self.quiet:
-                print(
-                    "distrib: the worker group failed; restarting it (--max-restarts)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            return False
-        return record.levelno >= logging.CRITICAL
-
-
-def quiet_torch_logs(*, quiet: bool) -> None:
-    """Silence torch's elastic loggers (each sets its own level), since failures get our own report;
-    keep a one-line notice when the agent restarts the worker group."""
-    manager = logging.Logger.manager
-    for name in list(manager.loggerDict):
-        if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.launcher"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    agent = logging.getLogger("torch.distributed.elastic.agent.server.api")
-    agent.setLevel(logging.INFO)
-    for old in [f for f in agent.filters if isinstance(f, _RestartNotice)]:
-        agent.removeFilter(old)
-    agent.addFilter(_RestartNotice(quiet))
-
-
 def run_elastic(
     plan: LaunchPlan,
     entrypoint: Callable[..., Any] | None = None,
@@ -263,29 +80,149 @@ def run_elastic(
 ) -> dict[int, Any]:
     """Start the workers of this machine and wait for them; return each local worker's return value.
 
-    `entrypoint=None` runs the plan's target through the worker bootstrap in a fresh interpreter;
-    a function runs in `start_method` processes. Raises `LaunchError` with the failure report.
+    `entrypoint=None` runs the plan's target through the worker bootstrap in a fresh interpreter; a
+    function runs in `start_method` processes. Raises `WorkersFailed` with the failure report (or
+    `WorkersPreempted` when the workers saved and left with the preemption exit code).
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
+    from . import agent as agent_module  # imports torch's elastic agent
 
     plan = resolve_port(plan)
-    with tempfile.TemporaryDirectory(prefix="distrib-") as log_dir, worker_environment(plan.env):
-        config = launch_config(plan, log_dir=log_dir, start_method=start_method)
-        quiet_torch_logs(quiet=quiet)
-        try:
-            if entrypoint is None:
-                return elastic_launch(config, sys.executable)(*plan.worker_args())  # type: ignore[no-any-return]
-            return elastic_launch(config, entrypoint)(*args)  # type: ignore[no-any-return]
-        except ChildFailedError as exc:
-            found = failures.add_sibling_errors(failures.from_process_failures(exc.failures), exc.failures)
-            report = failures.format_report(
-                found,
-                machine_rank=plan.machine_rank,
-                hostname=socket.gethostname(),
-                restarts=plan.max_restarts,
-            )
-            raise WorkersFailed(report, failures.exit_code(failures.first_failure(found))) from None
+    root = Path(tempfile.mkdtemp(prefix="distrib-diagnostics-"))
+    env = {
+        **plan.env,
+        records.DIAGNOSTICS_VARIABLE: str(root),
+        records.LAUNCHER_PID_VARIABLE: str(os.getpid()),
+        records.GRACE_VARIABLE: f"{plan.grace_period:g}",
+    }
+    if plan.rdzv_backend == "c10d":
+        # torch 2.13's c10d rendezvous shares its TCPStore with the workers by default, and then a machine
+        # that joins a running group waits forever for an address the old rank 0 never publishes again
+        # (its shared server already exists); without sharing, every round publishes a fresh one
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    target: Callable[..., Any] | str = sys.executable
+    worker_args: tuple[Any, ...] = plan.worker_args()
+    if entrypoint is not None:
+        target, worker_args = worker.run_function, (entrypoint, *args)
+    with (
+        tempfile.TemporaryDirectory(prefix="distrib-logs-") as log_dir,
+        worker_environment(env),
+        agent_module.quiet_torch_logs(quiet=quiet) as recorder,
+        agent_module.forwarded_signals(),
+    ):
+        agent = agent_module.make_agent(
+            plan,
+            target,
+            worker_args,
+            root=root,
+            log_dir=log_dir,
+            start_method=start_method,
+            recorder=recorder,
+        )
+        values = _run(plan, agent)
+    shutil.rmtree(root, ignore_errors=True)
+    return values
+
+
+def _run(plan: LaunchPlan, agent: Any) -> dict[int, Any]:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    stopped_by_signal = False
+    try:
+        result = agent.run()
+    except SignalException as exc:
+        stopped_by_signal = True
+        raise _stopped(plan, agent, exc.sigval) from None
+    finally:
+        if not stopped_by_signal:  # as torchrun: a signalled agent leaves the rendezvous open for the others
+            agent.rdzv_handler.shutdown()
+    if result.is_failed():
+        raise _failed(plan, agent)
+    return dict(result.return_values)
+
+
+def _failed(plan: LaunchPlan, agent: Any) -> WorkersFailed:
+    """The report of the attempt that failed last (with crash-loop and preemption verdicts)."""
+    last = agent.failed[-1]
+    found = last.failures
+    if agent.preempted:
+        return WorkersPreempted(
+            f"distrib: preempted: the workers saved and exited with code {plan.preemption_exit_code} "
+            "(preemption_exit_code) after a SIGTERM/SIGUSR1 reached them. Run the same command again to "
+            "resume from the checkpoint they saved.",
+            plan.preemption_exit_code,
+        )
+    evidence = failures.Evidence(
+        machine_rank=plan.machine_rank,
+        hostname=socket.gethostname(),
+        exits=records.read_records(last.directory),
+        stacks={f.rank: records.read_stack(last.directory, f.rank) for f in found if f.stopped_by_launcher},
+        diagnosis=merged_diagnosis(last.directory),
+        restarts=max(0, agent.attempt),
+    )
+    report = failures.format_report(found, evidence)
+    if agent.crash_loop is not None:
+        report = _crash_loop_summary(plan, agent) + "\n" + report
+    report += f"\nDiagnostics of this run are kept in {agent.root}."
+    return WorkersFailed(report, failures.exit_code(failures.first_failure(found)))
+
+
+def _crash_loop_summary(plan: LaunchPlan, agent: Any) -> str:
+    loop = agent.crash_loop
+    previous = agent.failed[-2]
+    left = plan.max_restarts - max(0, agent.attempt)
+    return (
+        f"distrib: crash loop at step {loop.step}: attempt {loop.attempt} failed at optimizer step {loop.step} "
+        f"again, as attempt {previous.attempt} did, so the launcher stopped instead of using the "
+        f"{left} remaining restart(s) of --max-restarts {plan.max_restarts}. Fix the failure below (or the "
+        "checkpoint the runs resume from) and launch again."
+    )
+
+
+def _stopped(plan: LaunchPlan, agent: Any, sigval: Any) -> WorkersFailed:
+    """The launcher got a signal, forwarded it, and waited up to the grace period for the workers."""
+    name = getattr(sigval, "name", str(sigval))
+    number = int(getattr(sigval, "value", 15))
+    codes = dict(agent.exit_codes)
+    for rank, record in records.read_records(agent.directory).items():
+        codes.setdefault(rank % max(1, plan.processes_per_machine), record.exit_code)
+    code = plan.preemption_exit_code
+    if codes and all(c == code for c in codes.values()):
+        return WorkersPreempted(
+            f"distrib: received {name} and forwarded it to the workers, which saved and exited with code "
+            f"{code} (preempted). Run the same command again to resume from their checkpoint.",
+            code,
+        )
+    states = ", ".join(f"local rank {r}: {_ending(c, number)}" for r, c in sorted(codes.items()))
+    return WorkersFailed(
+        f"distrib: received {name}; forwarded it to the workers and stopped them (grace period "
+        f"{plan.grace_period:g} s{'; ' + states if states else ''}).",
+        128 + number,
+    )
+
+
+def _ending(code: int | None, forwarded: int) -> str:
+    if code is None:
+        return "still running after the grace period"
+    if code == -forwarded:
+        return "ended by the forwarded signal"
+    if code < 0:
+        return "killed after the grace period" if code == -9 else f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def merged_diagnosis(directory: Path | None) -> str | None:
+    """The stall watchdog's merged diagnosis of one attempt (`distrib._diagnosis.merged_report`), or None
+    when that module is not installed or found nothing."""
+    if directory is None:
+        return None
+    try:
+        from .._diagnosis import merged_report  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    try:
+        return merged_report(directory)  # type: ignore[no-any-return]
+    except Exception as exc:  # a diagnosis must never hide the failure it diagnoses
+        return f"(the per-rank dumps in {directory} could not be merged: {type(exc).__name__}: {exc})"
 
 
 class WorkersFailed(LaunchError):
@@ -294,6 +231,10 @@ class WorkersFailed(LaunchError):
     def __init__(self, report: str, exit_code: int) -> None:
         super().__init__(report)
         self.exit_code = exit_code
+
+
+class WorkersPreempted(WorkersFailed):
+    """The workers saved and left with the preemption exit code: "try again" (`exit_code` is that code)."""
 
 
 def run_xla(plan: LaunchPlan) -> None:

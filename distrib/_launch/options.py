@@ -3,29 +3,25 @@
 A row names its config key (`num_processes`, or `fsdp.sharding` inside a section), its help text and its
 heading in `--help`. Rows that carry a `Settings` field take their type from that field's annotation, so
 `click.Choice` lists come from the same `Literal`s the runtime validates against and cannot drift apart.
+Every flag also answers to Accelerate's underscore spelling (`--num_processes`), hidden from `--help`.
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
 from .. import _validation
-from .._options import DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
+from .._codec import SECTIONS
 from .._settings import settings_field_types
+from . import rules
 
 RdzvBackend = Literal["static", "c10d"]
 
-#: config-file sections that hold a per-strategy option object (`fsdp: {sharding: grad_op}`)
-SECTIONS: dict[str, type] = {
-    "ddp": DDPOptions,
-    "fsdp": FSDPOptions,
-    "deepspeed": DeepSpeedOptions,
-    "xla": XLAOptions,
-}
-
 DEFAULT_MONITOR_INTERVAL = 0.2
+DEFAULT_GRACE_PERIOD = 30.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +37,8 @@ class Row:
     maximum: float | None = None
     default: Any = None
     sets: str | None = None
+    #: normalises and validates a value after its type check: (value, source) -> value
+    convert: Callable[[Any, str], Any] | None = None
 
     @property
     def is_setting(self) -> bool:
@@ -50,6 +48,12 @@ class Row:
     @property
     def option_flag(self) -> str:
         return self.flag or "--" + self.key.replace(".", "-").replace("_", "-")
+
+    @property
+    def alias_flag(self) -> str | None:
+        """Accelerate's spelling of the flag (`--num_processes`), accepted as a hidden alias."""
+        alias = "--" + self.option_flag[2:].replace("-", "_")
+        return alias if alias != self.option_flag else None
 
     @property
     def param_name(self) -> str:
@@ -89,12 +93,22 @@ ROWS: tuple[Row, ...] = (
         minimum=1,
     ),
     Row(
-        "num_machines",
-        "Number of machines; run the same command on each, with its own --machine-rank.",
+        "num_processes_per_machine",
+        "Worker processes on each machine, instead of --num-processes (needed with an elastic "
+        "--num-machines MIN:MAX, where the total varies). Default: one per GPU (of --gpu-ids), else 1.",
         P,
         int,
         minimum=1,
+    ),
+    Row(
+        "num_machines",
+        "Number of machines; run the same command on each, with its own --machine-rank. MIN:MAX (e.g. 1:4, "
+        "with --rdzv-backend c10d) makes the run elastic: it starts once MIN machines have joined, and when "
+        "a machine leaves or joins, the worker group restarts at the new size.",
+        P,
+        int | str,
         default=1,
+        convert=rules.machine_count,
     ),
     Row(
         "machine_rank",
@@ -144,9 +158,19 @@ ROWS: tuple[Row, ...] = (
     ),
     Row("rdzv_timeout", "Seconds to wait for every machine to join.", R, int, minimum=1, default=900),
     Row(
+        "rdzv_conf",
+        "Extra settings of torch's rendezvous, as KEY=VALUE,... (as torchrun's --rdzv-conf), e.g. "
+        "last_call_timeout=5 (c10d: seconds to wait for more machines once MIN joined; default 30), "
+        "keep_alive_interval=2,keep_alive_max_attempt=3 (how fast a lost machine is noticed).",
+        R,
+        str,
+        convert=rules.rdzv_conf,
+    ),
+    Row(
         "max_restarts",
         "Restart the whole worker group up to N times after a failure "
-        "(TORCHELASTIC_RESTART_COUNT tells the workers which attempt runs).",
+        "(TORCHELASTIC_RESTART_COUNT tells the workers which attempt runs). When an attempt fails at the "
+        "same optimizer step as the one before, the launcher stops: a crash loop.",
         R,
         int,
         minimum=0,
@@ -161,15 +185,57 @@ ROWS: tuple[Row, ...] = (
         minimum=0.01,
         default=DEFAULT_MONITOR_INTERVAL,
     ),
+    Row(
+        "grace_period",
+        "Seconds the workers get to save and exit after the launcher forwarded SIGTERM or SIGUSR1 to "
+        "them (or was interrupted), before it kills them.",
+        R,
+        float,
+        minimum=0,
+        default=DEFAULT_GRACE_PERIOD,
+    ),
     Row("strategy", "How the model is distributed; auto: ddp with several processes, else single.", T),
-    Row("mixed_precision", "Mixed precision of forward and backward (fp16 and fp8 need a GPU).", T),
+    Row("mixed_precision", "Mixed precision of forward and backward (fp8 needs a GPU; fp16 scales the loss, also on CPU).", T),
     Row("gradient_accumulation_steps", "Micro-batches per optimizer step in accumulate().", T, minimum=1),
     Row("seed", "Seed every rank's random generators with this value.", T),
+    Row(
+        "compile",
+        "torch.compile the prepared models (in place, before DDP/FSDP2 wrap them); CompileOptions in the "
+        "config file (compile: {mode: max-autotune, regional: true}) or in code choose how.",
+        T,
+    ),
+    Row(
+        "sync_each_batch",
+        "Synchronise gradients on every accumulation micro-batch (less memory under FSDP, more traffic).",
+        T,
+    ),
     Row(
         "split_batches",
         "Split each batch of a prepared dataloader across processes instead of giving "
         "every process a whole batch.",
         T,
+    ),
+    Row(
+        "timeout",
+        "Seconds a collective may wait for the other ranks before the process group gives up "
+        "(torch's process-group timeout; default 1800).",
+        T,
+        minimum=0.001,
+    ),
+    Row(
+        "stall_timeout",
+        "Seconds without progress after which every rank dumps its stacks and the launcher names the "
+        "rank that is not in the collective (default 300); 'none' turns the watchdog off.",
+        T,
+        minimum=0.001,
+    ),
+    Row(
+        "preemption_exit_code",
+        "Exit code of a run that saved and stopped after SIGTERM/SIGUSR1 (preemption; default 75, "
+        "EX_TEMPFAIL); the launcher then exits with it too: 'try again'.",
+        T,
+        minimum=0,
+        maximum=255,
     ),
     Row("fsdp.sharding", "What FSDP shards (FSDPOptions.sharding).", F),
     Row("fsdp.cpu_offload", "Keep FSDP parameters and optimizer state on CPU.", F),
@@ -184,7 +250,10 @@ ROWS: tuple[Row, ...] = (
     ),
     Row("deepspeed.zero_stage", "DeepSpeed ZeRO stage.", D, flag="--zero-stage"),
     Row(
-        "deepspeed.offload_optimizer", "Keep DeepSpeed optimizer state on CPU.", D, flag="--offload-optimizer"
+        "deepspeed.offload_optimizer",
+        "Keep DeepSpeed optimizer state on CPU (ZeRO 1, 2 or 3).",
+        D,
+        flag="--offload-optimizer",
     ),
     Row("deepspeed.offload_params", "Keep DeepSpeed parameters on CPU (ZeRO 3).", D, flag="--offload-params"),
 )

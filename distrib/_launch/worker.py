@@ -3,7 +3,8 @@
 Runs the user's script (or module) as `__main__`, exactly as `python script.py` would, and when it raises
 records the exception in the error file torch's elastic agent gave this worker
 (`TORCHELASTIC_ERROR_FILE`, written by torch's own `ErrorHandler`), so the launcher can report the
-traceback of the rank that failed without the user adding `@record` to their code. Only the standard
+traceback of the rank that failed without the user adding `@record` to their code. It also ties the
+worker's life to the launcher and leaves the launcher an exit record (`records.py`). Only the standard
 library is imported before the user's code runs, so the script's first line runs as early as it would
 under torchrun.
 """
@@ -22,8 +23,11 @@ import runpy
 import sys
 import threading
 import types
+from collections.abc import Callable
 from importlib.machinery import ModuleSpec
 from typing import Any
+
+from . import records
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,17 +38,39 @@ def main(argv: list[str] | None = None) -> None:
     if not args:
         raise SystemExit("usage: python -m distrib._launch.worker [--module] TARGET [ARGS...]")
     faulthandler.enable(all_threads=True)
+    records.install_worker_guards()
     try:
         run(args[0], args[1:], is_module=is_module)
     except SystemExit as exc:  # sys.exit(...) in the script: leave with its status, as Python would
+        records.record_exit(_status(exc.code), exc, how="sys.exit")
         _finish(exc.code)
         raise
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
+        records.record_exit(1, exc, how="exception")
         _record(exc)
         raise
+    records.record_exit(0, how="returned")
     _finish(None)
+
+
+def run_function(fn: Callable[..., Any], *args: Any) -> Any:
+    """Entry point of a worker that runs a function (`notebook_launcher`): the same guards and exit record
+    as a script worker, around `fn(*args)`."""
+    records.install_worker_guards()
+    try:
+        value = fn(*args)
+    except SystemExit as exc:
+        records.record_exit(_status(exc.code), exc, how="sys.exit")
+        raise
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        records.record_exit(1, exc, how="exception")
+        raise
+    records.record_exit(0, how="returned")
+    return value
 
 
 def run(target: str, args: list[str], *, is_module: bool) -> dict[str, Any]:
@@ -63,9 +89,10 @@ def run(target: str, args: list[str], *, is_module: bool) -> dict[str, Any]:
     sys.path[0] = os.path.dirname(os.path.abspath(target))
     if not os.path.isfile(target):  # a directory or zip file with a __main__.py
         return runpy.run_path(target, run_name="__main__")
-    with open(target, "rb") as source:
-        code = compile(source.read(), target, "exec")
-    return _exec_as_main(code, target, spec=None, package=None)
+    path = os.path.abspath(target)  # as `python script.py` since Python 3.9: __file__ and tracebacks
+    with open(path, "rb") as source:
+        code = compile(source.read(), path, "exec")
+    return _exec_as_main(code, path, spec=None, package=None)
 
 
 def _main_spec(name: str) -> ModuleSpec:
@@ -133,12 +160,17 @@ def _finish(code: Any) -> None:
     os._exit(status)
 
 
-def _exit_status(code: Any) -> int:
-    """The exit status `raise SystemExit(code)` gives a Python process (a message is printed, status 1)."""
+def _status(code: Any) -> int:
+    """The exit status `raise SystemExit(code)` gives a Python process."""
     if code is None:
         return 0
-    if isinstance(code, int):
-        return code
+    return code & 0xFF if isinstance(code, int) else 1
+
+
+def _exit_status(code: Any) -> int:
+    """The exit status `raise SystemExit(code)` gives a Python process (a message is printed, status 1)."""
+    if code is None or isinstance(code, int):
+        return _status(code)
     try:
         print(code, file=sys.stderr, flush=True)
     except (OSError, ValueError):

@@ -10,48 +10,15 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 from distrib.testing import free_port
+from tests._support.launching import TIMEOUT, command, distrib_env, run, script, shown
 
 pytestmark = pytest.mark.slow
-
-TIMEOUT = 120
-
-
-def distrib_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTRIB_", "SLURM_", "OMP_NUM_THREADS"))}
-    env["DISTRIB_CONFIG_DIR"] = str(tmp_path / "no-config")
-    return env
-
-
-def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "distrib", *args]
-
-
-def run(tmp_path: Path, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command(*args),
-        cwd=tmp_path,
-        env=distrib_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def shown(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit code {result.returncode}\n--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
-
-
-def script(tmp_path: Path, name: str, body: str) -> str:
-    (tmp_path / name).write_text(textwrap.dedent(body))
-    return name
 
 
 REPORT = """

@@ -24,7 +24,9 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISTRIB_CONFIG_DIR", str(tmp_path / "cfg"))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("SLURM_STEP_NUM_NODES", raising=False)
-    monkeypatch.setattr(machine, "detect", lambda need_gpus=True: MachineFacts(cpu_count=4, gpu_count=0))
+    monkeypatch.setattr(
+        machine, "detect", lambda need_gpus=True, strategy=None: MachineFacts(cpu_count=4, gpu_count=0)
+    )
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.py").write_text("print('hi')\n")
 
@@ -76,7 +78,12 @@ def test_arguments_after_the_script_belong_to_the_script():
     assert "1 in total" in out and "train.py --num-processes 7 --bogus" in out
 
 
-def test_module_targets():
+def test_module_targets(tmp_path: Path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text(
+        "raise SystemExit('the launcher must not import the package')\n"
+    )
+    (tmp_path / "pkg" / "train.py").write_text("")
     code, out = invoke("launch", "--dry-run", "-m", "pkg.train", "--epochs", "2")
     assert code == 0, out
     assert "module pkg.train --epochs 2" in out and "--module pkg.train --epochs 2" in out
@@ -94,7 +101,7 @@ def test_module_targets():
             "machine_rank=2 is out of range for num_machines=2",
         ),
         (["--num-machines", "2", "train.py"], "needs main_process_ip"),
-        (["--mixed-precision", "fp16", "train.py"], "needs a GPU"),
+        (["--mixed-precision", "fp8", "train.py"], "needs a GPU"),
         (["--cpu", "--mixed-precision", "fp8", "train.py"], "needs a GPU"),
         (["--env", "NOEQUALS", "train.py"], "is not KEY=VALUE"),
         (["--config-file", "nope.yaml", "train.py"], "config file 'nope.yaml' does not exist"),
@@ -238,19 +245,19 @@ def test_the_worker_that_failed_first_is_reported_not_the_ones_stopped_after_it(
     peer = failure(2, 1, 10.2, "RuntimeError: Connection closed by peer [127.0.0.1]:1")
     found = [stopped, peer, crashed]
     assert failures.first_failure(found) is crashed
-    report = failures.format_report(found, machine_rank=3, hostname="node7", restarts=1)
+    report = failures.format_report(found, failures.Evidence(machine_rank=3, hostname="node7", restarts=1))
     assert report.splitlines()[0] == (
         "distrib: rank 1 (local rank 1) on machine 3 (node7) failed first: exit code 1 (pid 101)."
     )
     assert "RuntimeError: boom" in report
     assert "rank 0 (local rank 0): stopped by the launcher (killed by SIGTERM)" in report
-    assert "rank 2 (local rank 2): failed later (exit code 1)" in report
+    assert "rank 2 (local rank 2): failed waiting for another rank (exit code 1)" in report
     assert "restarted 1 time(s)" in report
     assert failures.exit_code(crashed) == 1 and failures.exit_code(failure(0, -11, 1)) == 139
 
 
 def test_a_crash_without_traceback_says_so():
-    report = failures.format_report([failure(0, -11, 1.0, message="<NONE>")], machine_rank=0, hostname="h")
+    report = failures.format_report([failure(0, -11, 1.0, message="<NONE>")], failures.Evidence(hostname="h"))
     assert "killed by SIGSEGV" in report and "no Python traceback" in report
 
 

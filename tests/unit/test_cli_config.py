@@ -173,9 +173,9 @@ def test_accelerate_deepspeed_and_multi_cpu_keys():
         "gradient_accumulation_steps": 4,
         "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_params": False},
     }
-    assert [w for w in warnings if "zero3_init_flag" in w]
-    out, warnings = accelerate_compat.translate({"distributed_type": "MULTI_NPU"})
-    assert "strategy" not in out and "MULTI_NPU" in warnings[0]
+    assert [w for w in warnings if "zero3_init_flag" in w and "prepare()" in w]
+    with pytest.raises(SettingsError, match=r"MULTI_NPU.*Ascend NPUs.*Use MULTI_GPU"):
+        accelerate_compat.translate({"distributed_type": "MULTI_NPU"})
 
 
 def test_default_location_follows_the_documented_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -215,8 +215,8 @@ def test_questionnaire_validates_each_answer(tmp_path: Path, monkeypatch: pytest
         "3",
         "4",  # processes: 3 is not a multiple of 2 machines, then 4
         "fsdp",  # strategy
-        "fp16",
-        "bf16",  # fp16 is refused on CPU
+        "fp8",
+        "bf16",  # fp8 is refused on CPU
         "2",  # accumulation
         "grad_op",
         "n",
@@ -224,8 +224,8 @@ def test_questionnaire_validates_each_answer(tmp_path: Path, monkeypatch: pytest
     ]
     result = CliRunner().invoke(cli, ["config", "--config-file", str(path)], input="\n".join(answers) + "\n")
     assert result.exit_code == 0, result.output
-    assert "not a multiple of the 2 machines" in result.output
-    assert "fp16 needs a GPU" in result.output
+    assert "num_processes=3 is not a multiple of num_machines=2" in result.output
+    assert "mixed_precision='fp8' needs a GPU" in result.output
     assert "1<=x<=1" in result.output or "0<=x<=1" in result.output
     values = config_file.load(path).values
     assert values == {
@@ -264,3 +264,40 @@ def test_config_show_reports_a_broken_file_as_a_usage_error(tmp_path: Path):
     result = CliRunner().invoke(cli, ["config", "show", "--config-file", str(path)])
     assert result.exit_code == 2
     assert "strategy='magic' is not valid" in result.output and "'fsdp'" in result.output
+
+
+def test_deepspeed_questions_ask_the_stage_first_and_refuse_a_missing_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(config_cmd, "_gpu_count", lambda: 0)
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 3}}')
+    path = tmp_path / "q.yaml"
+    answers = [
+        "1",  # machines
+        "y",  # CPU only
+        "2",  # processes
+        "deepspeed",  # strategy
+        "bf16",  # precision
+        "1",  # accumulation
+        "3",  # ZeRO stage: asked before the optional JSON path
+        str(tmp_path / "missing.json"),  # refused: does not exist
+        str(tmp_path / "broken.json"),  # refused: not JSON
+        str(tmp_path / "ds.json"),
+        "y",  # offload optimizer
+        "n",  # offload parameters
+    ]
+    result = CliRunner().invoke(cli, ["config", "--config-file", str(path)], input="\n".join(answers) + "\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.index("ZeRO stage?") < result.output.index("DeepSpeed JSON config file")
+    assert "missing.json does not exist" in result.output and "is not a readable JSON file" in result.output
+    values = config_file.load(path).values
+    assert values["deepspeed.zero_stage"] == 3 and values["deepspeed.config"] == str(tmp_path / "ds.json")
+    assert values["deepspeed.offload_optimizer"] is True and values["deepspeed.offload_params"] is False
+    stage_one = ["1", "y", "2", "deepspeed", "no", "1", "1", "", "n"]
+    result = CliRunner().invoke(
+        cli, ["config", "--config-file", str(tmp_path / "s1.yaml")], input="\n".join(stage_one) + "\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert "Offload parameters" not in result.output  # only ZeRO-3 can offload parameters
+    assert "deepspeed.config" not in config_file.load(tmp_path / "s1.yaml").values

@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 
 from distrib import DDPOptions, FSDPOptions, Settings
-from distrib._environment import (
-    config_directory,
-    first_slurm_host,
-    read_environment,
-    resolve_settings,
-    settings_to_environment,
-)
+from distrib._codec import to_environment as settings_to_environment
+from distrib._environment import config_directory, first_slurm_host, read_environment, resolve_settings
 from distrib._settings import choices
 from distrib.errors import SettingsError
 
