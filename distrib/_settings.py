@@ -72,7 +72,9 @@ class Settings:
         for name in ("check_replicas_every", "straggler_report_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise SettingsError(f"Settings.{name}={value} must be >= 1 (optimizer steps), or None for off.")
+                raise SettingsError(
+                    f"Settings.{name}={value} must be >= 1 (optimizer steps), or None for off."
+                )
         if not 0 <= self.preemption_exit_code <= 255:
             raise SettingsError(
                 f"Settings.preemption_exit_code={self.preemption_exit_code} must be an exit status, 0 to 255."

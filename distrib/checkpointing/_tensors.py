@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +31,16 @@ def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
 
 
 def to_safetensors(
-    state_dict: Mapping[str, Any], *, keep_aliases: bool = True
+    state_dict: Mapping[str, Any],
+    *,
+    keep_aliases: bool = True,
+    copy: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """CPU tensors that safetensors accepts, plus `{name: earlier_name}` for tied entries.
 
     Entries that are the very same view of the same memory become aliases (when `keep_aliases`), other
-    overlapping or non-contiguous tensors are copied. Example::
+    overlapping or non-contiguous tensors are copied. With `copy(name, tensor)`, every tensor is taken
+    through it (a snapshot into buffers of its own) instead of moved to the CPU. Example::
 
         tensors, aliases = to_safetensors(model.state_dict())
     """
@@ -62,6 +66,9 @@ def to_safetensors(
         shared = storage in storages
         views.setdefault(key, name)
         storages.add(storage)
+        if copy is not None:
+            tensors[name] = copy(name, t)
+            continue
         t = t.to("cpu")
         tensors[name] = t.clone() if shared else t.contiguous()
     return tensors, aliases

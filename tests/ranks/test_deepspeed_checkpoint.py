@@ -12,9 +12,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from distrib import distributed, load_state, prepare, save_model, save_state, unwrap_model
+from distrib.checkpointing._reader import CheckpointReader
 from distrib.errors import CheckpointError
 from distrib.strategies import deepspeed as ds_strategy
 from distrib.testing import run_ranks
+from tests._support.checkpoints import load_direct, save_direct
 from tests._support.models import (
     TinyNet,
     build_deepspeed_ops,
@@ -54,7 +56,7 @@ def _save_and_resume(directory: Path, stage: int, mixed_precision: str) -> dict[
         )
         out["unwrapped"] = model is not original and unwrap_model(model) is original
         run_loop(model, optimizer, loader)
-        ds_strategy.save_training_state(ctx, directory)
+        save_direct(ctx, directory)
         if stage == 3:  # and through distrib's own checkpoints
             save_state(directory / "state")
             save_model(model, directory / "model")
@@ -69,12 +71,13 @@ def _save_and_resume(directory: Path, stage: int, mixed_precision: str) -> dict[
             out["plain_output_difference"] = (plain(PROBE).float() - output).abs().max().item()
     with distributed(**settings) as ctx:
         model, optimizer, loader = _fresh(5)  # other weights, empty optimizer state
-        ds_strategy.load_training_state(ctx, directory)
+        load_direct(ctx, directory)
         out["loaded"] = ds_strategy.full_state_dict(ctx, model)
         run_loop(model, optimizer, loader)
         out["resumed"] = ds_strategy.full_state_dict(ctx, model)
         try:
-            ds_strategy.load_training_state(ctx, directory / "nothing")
+            empty = {"files": {}, "checksum": "crc32c", "world_size": ctx.world_size}
+            ds_strategy.load_training_state(ctx, CheckpointReader(directory / "nothing", empty))
         except CheckpointError as exc:
             out["missing"] = str(exc)
     if stage == 3:

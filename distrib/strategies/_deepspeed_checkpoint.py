@@ -1,0 +1,137 @@
+"""DeepSpeed checkpoints through distrib's writer and reader.
+
+The engine writes its own layout (`engine.save_checkpoint`, tag `engine_{i}`: every rank its ZeRO
+partition), but every file goes through a checkpoint engine of distrib's: writes are checksummed as they
+happen (and snapshotted for background saves), reads come only from files the manifest lists, each
+verified, and are unpickled with `weights_only=True` plus an allow-list of the few DeepSpeed types its
+files hold (DeepSpeed itself unpickles them without restriction). `load_state(weights_only=False)` lifts
+the restriction for checkpoints you trust.
+
+At another world size, DeepSpeed's own universal-checkpoint tools reshard: `ds_to_universal` converts the
+checkpoint (in a hidden folder next to it, removed afterwards) and the engine loads it with
+`load_universal_checkpoint`. Where that is impossible the error names the conversion to run by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CheckpointError, CheckpointMismatchError
+
+if TYPE_CHECKING:
+    from .._runtime import Runtime
+    from ..checkpointing._reader import CheckpointReader
+    from ..checkpointing._writer import CheckpointWriter
+
+#: a DeepSpeed checkpoint loads at another world size through DeepSpeed's universal checkpoint
+CHECKPOINT_WORLD_SIZE_DEPENDENT = False
+
+
+def _engines(runtime: Runtime) -> list[Any]:
+    return list(getattr(runtime.state.strategy_state, "engines", []))
+
+
+def safe_globals() -> list[Any]:
+    """The non-tensor types DeepSpeed's checkpoint files hold, allowed for `weights_only=True` loads."""
+    found: list[Any] = []
+    for module, names in (
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+    ):
+        with contextlib.suppress(ImportError):
+            imported = __import__(module, fromlist=list(names))
+            found.extend(getattr(imported, name) for name in names if hasattr(imported, name))
+    return found
+
+
+def _engine_class() -> type:
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    class DistribCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
+        """DeepSpeed's file access, through a `CheckpointWriter` (saving) or `CheckpointReader` (loading)."""
+
+        def __init__(self, writer: CheckpointWriter | None, reader: CheckpointReader | None) -> None:
+            super().__init__(None)
+            self.name = "distrib"
+            self.writer, self.reader = writer, reader
+
+        def create(self, info: Any) -> None:
+            pass
+
+        def commit(self, info: Any) -> bool:
+            return True
+
+        def save(self, state_dict: Any, path: str) -> None:
+            assert self.writer is not None, "DeepSpeed saved through distrib's loading engine"
+            self.writer.torch_object(_relative(self.writer.directory, path), state_dict)
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            assert self.reader is not None, "DeepSpeed loaded through distrib's saving engine"
+            import torch
+
+            with torch.serialization.safe_globals(safe_globals()):
+                return self.reader.torch_object(_relative(self.reader.directory, path), map_location)
+
+    return DistribCheckpointEngine
+
+
+def _relative(directory: Path, path: str) -> str:
+    return Path(path).absolute().relative_to(directory.absolute()).as_posix()
+
+
+@contextlib.contextmanager
+def _through(engine: Any, replacement: Any) -> Iterator[None]:
+    original = engine.checkpoint_engine
+    engine.checkpoint_engine = replacement
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = original
+
+
+def save_training_state(runtime: Runtime, writer: CheckpointWriter) -> None:
+    """Every rank writes its ZeRO partitions of each engine's model and optimizer (collective)."""
+    cls = _engine_class()
+    for i, engine in enumerate(_engines(runtime)):
+        with _through(engine, cls(writer, None)):
+            engine.save_checkpoint(str(writer.directory), tag=f"engine_{i}", save_latest=False)
+
+
+def load_training_state(runtime: Runtime, reader: CheckpointReader) -> None:
+    """Load what `save_training_state` wrote; at another world size through a universal checkpoint."""
+    saved = int(reader.manifest["world_size"])
+    if saved != runtime.world_size and _engines(runtime):
+        from ._deepspeed_universal import load_resharded
+
+        load_resharded(runtime, reader, saved)
+        return
+    cls = _engine_class()
+    for i, engine in enumerate(_engines(runtime)):
+        tag = f"engine_{i}"
+        if not any(name.startswith(f"{tag}/") for name in reader.names()):
+            raise CheckpointError(f"{str(reader.directory)!r} holds no DeepSpeed checkpoint {tag!r}.")
+        with _through(engine, cls(None, reader)):
+            path, _ = engine.load_checkpoint(
+                str(reader.directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        if path is None:
+            raise CheckpointMismatchError(
+                f"DeepSpeed could not load {tag!r} from {str(reader.directory)!r}; was it saved with the same "
+                "ZeRO stage and models?"
+            )
+
+
+def remove_quietly(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def environment_for_safe_loads() -> dict[str, str]:
+    """Environment of a conversion subprocess whose every `torch.load` is forced to `weights_only=True`."""
+    return {**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
