@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 
 from ..errors import CheckpointCorruptError
 from ._io import DurableFile, Ledger
+from ._reader import refused_global
 
 if TYPE_CHECKING:
     from ._reader import CheckpointReader
@@ -156,8 +157,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         except pickle.UnpicklingError as e:
             raise CheckpointCorruptError(
                 f"a value in the DCP checkpoint ({read_item.dest_index.fqn}) holds objects that safe loading "
-                f"(weights_only=True) refuses ({str(e).splitlines()[0][:200]}). If you trust this checkpoint, "
-                "load it with load_state(..., weights_only=False), which runs pickled code."
+                f"(weights_only=True) refuses ({refused_global(e) or e}). If you trust this checkpoint, load it "
+                "with load_state(..., weights_only=False), which runs pickled code."
             ) from e
         # what DefaultLoadPlanner.load_bytes does with the value it unpickled
         if self.flatten_state_dict:

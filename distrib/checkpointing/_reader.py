@@ -35,6 +35,15 @@ from ._tensors import ALIASES_KEY
 _MMAP_FROM = 64 << 20
 
 
+def refused_global(error: Exception) -> str | None:
+    """The line of a `weights_only` refusal that names the refused global, or None for other errors."""
+    text = str(error)
+    if "Weights only load failed" not in text and "Unsupported global" not in text:
+        return None
+    lines = [line.strip() for line in text.splitlines() if "global" in line.lower() and line.strip()]
+    return (lines[-1] if lines else text.splitlines()[0])[:200]
+
+
 class CheckpointReader:
     """Reads the files of one checkpoint, each checked against the manifest as it is read."""
 
@@ -142,13 +151,13 @@ class CheckpointReader:
         try:
             return torch.load(source, map_location=map_location, weights_only=self.weights_only, mmap=mmap)
         except pickle.UnpicklingError as e:
-            refused = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+            refused = refused_global(e)
             if not (self.weights_only and refused):
                 raise CheckpointCorruptError(f"cannot read {path!r}: {e}") from e
             raise CheckpointCorruptError(
-                f"{path!r} holds objects that safe loading (weights_only=True) refuses ({refused[0][:200]}). If "
-                "you trust this checkpoint, load it with load_state(..., weights_only=False), which runs "
-                "pickled code; or keep such state to tensors and plain Python values."
+                f"{path!r} holds objects that safe loading (weights_only=True) refuses ({refused}). If you trust "
+                "this checkpoint, load it with load_state(..., weights_only=False), which runs pickled code; or "
+                "keep such state to tensors and plain Python values."
             ) from e
         except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as e:
             raise CheckpointCorruptError(f"cannot read {path!r}: {e}") from e

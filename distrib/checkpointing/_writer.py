@@ -15,25 +15,32 @@ through a `DurableFile`, so its size and CRC-32C are known without reading it ba
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._io import DurableFile, Ledger
+from ._io import PIECE, DurableFile, Ledger, pool
 from ._stfile import write_safetensors
 from ._tensors import ALIASES_KEY, to_safetensors
 
 
 class Snapshots:
-    """CPU copies of tensors for background saves, in buffers kept for the next save of the same shapes."""
+    """CPU copies of tensors for background saves, in buffers kept for the next save of the same shapes.
+
+    CPU-to-CPU copies are plain `memmove`s of pieces, spread over the I/O threads: torch's `copy_` wakes
+    its OpenMP threads for every tensor, which costs milliseconds each on a busy machine (measured: 48
+    tensors of 4 MB took 0.34-0.56 s with `copy_`, 0.03-0.05 s with `memmove`)."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, str], torch.Tensor] = {}
         self._used: set[tuple[str, str]] = set()
+        self._pending: list[tuple[Future[Any], torch.Tensor]] = []
         self.device_copies = False
 
     def copy(self, key: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
@@ -46,7 +53,9 @@ class Snapshots:
             if key not in self._used:
                 self._buffers[key] = buffer
         self._used.add(key)
-        if t.device.type == "cpu":
+        if t.device.type == "cpu" and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
+            self._memmove(buffer, t)
+        elif t.device.type == "cpu":
             buffer.copy_(t)
         else:
             buffer.copy_(t, non_blocking=True)
@@ -63,9 +72,20 @@ class Snapshots:
             return type(obj)(self.structure(file, v, f"{path}/{i}") for i, v in enumerate(obj))
         return obj
 
+    def _memmove(self, buffer: torch.Tensor, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        dst, src = buffer.data_ptr(), t.data_ptr()
+        for start in range(0, nbytes, PIECE):
+            n = min(PIECE, nbytes - start)
+            self._pending.append((pool().submit(ctypes.memmove, dst + start, src + start, n), t))
+
     def settle(self) -> Callable[[], None]:
-        """Call once the snapshot is complete: returns a function that waits (in the writing thread) until
-        the device-to-host copies have landed. Buffers become reusable for the next save."""
+        """Call once the snapshot is complete: waits for the CPU copies, and returns a function that waits
+        (in the writing thread) until the device-to-host copies have landed. Buffers become reusable for
+        the next save."""
+        pending, self._pending = self._pending, []
+        for future, _ in pending:
+            future.result()
         self._used.clear()
         if not self.device_copies:
             return lambda: None
