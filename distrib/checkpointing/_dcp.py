@@ -124,8 +124,16 @@ class StorageReader(FileSystemReader):
         super().__init__(str(reader.directory))
         self.fs = _CheckedFileSystem(reader)
         self.checkpoint = reader
+        self._metadata: Any = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        """DCP's metadata, verified and safely unpickled (once: call it before `dcp.load`, so that a bad
+        file raises its own error rather than DCP's summary of it)."""
+        if self._metadata is None:
+            self._metadata = self._read_metadata()
+        return self._metadata
+
+    def _read_metadata(self) -> Any:
         path = self.checkpoint.verified_path(".metadata")
         try:
             with open(path, "rb") as f:

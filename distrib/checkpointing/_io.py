@@ -65,9 +65,11 @@ def os_error(e: OSError, action: str, path: Path | str, checkpoint: Path | str |
 class Ledger:
     """Size and CRC-32C of every file written through `DurableFile`, by name relative to a directory."""
 
-    def __init__(self, directory: Path, rank: int | None = None) -> None:
+    def __init__(self, directory: Path, rank: int | None = None, checkpoint: Path | None = None) -> None:
         self.directory = directory
         self.rank = rank
+        #: the checkpoint the files are for, named in errors (its final path, not the temporary one)
+        self.checkpoint = checkpoint if checkpoint is not None else directory
         self._entries: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -119,7 +121,7 @@ class DurableFile:
         self.path = path
         self.name = str(path)
         self._ledger = ledger
-        self._checkpoint = checkpoint if checkpoint is not None else ledger.directory
+        self._checkpoint = checkpoint if checkpoint is not None else ledger.checkpoint
         self._pos = 0
         self._crc = 0
         self._buffer = bytearray()

@@ -84,7 +84,11 @@ def save_state(
     _faults.point("after_plan", runtime.rank)
     group = saver.group() if background else None
     writer = CheckpointWriter(
-        plan.temp, runtime.rank, snapshots=saver.snapshots if background else None, process_group=group
+        plan.temp,
+        runtime.rank,
+        snapshots=saver.snapshots if background else None,
+        process_group=group,
+        final=plan.final,
     )
     try:
         metadata = run_on_every_rank(runtime, "writing the checkpoint", lambda: _stage(runtime, writer))[0]

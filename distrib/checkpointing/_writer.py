@@ -99,14 +99,20 @@ class CheckpointWriter:
     """Writes the files of one checkpoint on one rank (now, or at `finish()` for a background save)."""
 
     def __init__(
-        self, directory: Path, rank: int, *, snapshots: Snapshots | None = None, process_group: Any = None
+        self,
+        directory: Path,
+        rank: int,
+        *,
+        snapshots: Snapshots | None = None,
+        process_group: Any = None,
+        final: Path | None = None,
     ) -> None:
         self.directory = directory
         self.rank = rank
         self.background = snapshots is not None
         #: the group a background save's collectives use (None: the default group, or one process)
         self.process_group = process_group
-        self.ledger = Ledger(directory, rank)
+        self.ledger = Ledger(directory, rank, final)
         self._snapshots = snapshots
         self._jobs: list[Callable[[], None]] = []
         self._settled: Callable[[], None] = lambda: None

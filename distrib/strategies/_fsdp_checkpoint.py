@@ -83,9 +83,14 @@ def load_training_state(runtime: Runtime, reader: CheckpointReader) -> None:
     from ..checkpointing._dcp import SafeLoadPlanner, StorageReader
 
     state = _current_state(runtime)
+    storage = StorageReader(reader)
+    storage.read_metadata()  # a damaged or forged .metadata raises its own CheckpointError here
     try:
-        dcp.load(state, storage_reader=StorageReader(reader), planner=SafeLoadPlanner(reader.weights_only))
+        dcp.load(state, storage_reader=storage, planner=SafeLoadPlanner(reader.weights_only))
     except CheckpointException as exc:  # a BaseException that lists each rank's failure
+        ours = _our_failure(exc)
+        if ours is not None:  # a damaged or refused file: the same error every other strategy raises
+            raise ours from exc
         raise CheckpointError(
             f"could not load the FSDP checkpoint in {str(reader.directory)!r}: {_failures(exc)}. It must come "
             "from a run with the same models and optimizers (the number of processes may differ)."
@@ -97,11 +102,33 @@ def load_training_state(runtime: Runtime, reader: CheckpointReader) -> None:
         set_optimizer_state_dict(model, optimizer, state[f"optimizer_{j}"])
 
 
+def _exceptions(exc: Any) -> list[tuple[int, BaseException]]:
+    """(rank, exception) of each failure of a DCP `CheckpointException` (it keeps (exception, stack))."""
+    failures = getattr(exc, "failures", None) or {}
+    out = []
+    for rank, failure in sorted(failures.items()):
+        error = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(error, BaseException):
+            out.append((rank, error))
+    return out
+
+
+def _our_failure(exc: Any) -> CheckpointError | None:
+    """The first `CheckpointError` (a damaged or refused file) behind a DCP failure, naming its rank."""
+    for rank, error in _exceptions(exc):
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, CheckpointError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            return type(cause)(f"{cause} (on rank {rank})")
+    return None
+
+
 def _failures(exc: Any) -> str:
-    failures = getattr(exc, "failures", None)
-    if not failures:
+    found = _exceptions(exc)
+    if not found:
         return str(exc)
-    return "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, e in sorted(failures.items()))
+    return "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, e in found)
 
 
 def full_state_dict(runtime: Runtime, model: nn.Module) -> dict[str, torch.Tensor] | None:
