@@ -15,9 +15,11 @@ through a `DurableFile`, so its size and CRC-32C are known without reading it ba
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import json
+import pickle
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError
 from ._io import PIECE, DurableFile, Ledger, pool
 from ._stfile import write_safetensors
 from ._tensors import ALIASES_KEY, to_safetensors
@@ -190,15 +193,25 @@ class CheckpointWriter:
 
 def save_torch(obj: Any, stream: DurableFile) -> None:
     """`torch.save` into a `DurableFile`, without the zip container's own CRC-32 (the manifest's CRC-32C
-    covers the file)."""
+    covers the file). A value torch cannot store is a `CheckpointError` naming the file."""
     with stream:
         try:
-            from torch.utils.serialization import config
-        except ImportError:  # torch < 2.5
-            torch.save(obj, stream)  # type: ignore[arg-type]
-            return
-        with config.patch({"save.compute_crc32": False}):  # type: ignore[attr-defined]
-            torch.save(obj, stream)  # type: ignore[arg-type]
+            with _no_zip_crc():
+                torch.save(obj, stream)  # type: ignore[arg-type]
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise CheckpointError(
+                f"{stream.name!r} cannot be saved: {e}. A checkpointed object (an optimizer's param_groups, a "
+                "scheduler, a registered object) holds a value torch.save cannot store, such as a lambda or an "
+                "open file; keep such state to tensors and plain Python values."
+            ) from e
+
+
+def _no_zip_crc() -> Any:
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch < 2.5
+        return contextlib.nullcontext()
+    return config.patch({"save.compute_crc32": False})  # type: ignore[attr-defined]
 
 
 def torch_bytes(obj: Any) -> bytes:

@@ -9,8 +9,10 @@ Every strategy module defines:
 * `prepare_training(runtime, models, optimizers, schedulers) -> (models, optimizers, schedulers)`;
 * `backward(runtime, loss, **kwargs)`, `clip_grad_norm_(runtime, parameters, max_norm, norm_type)`,
   `unwrap_model(model)`;
-* checkpoints: `save_training_state(runtime, directory)` / `load_training_state(runtime, directory)`
-  (every prepared model and optimizer; all ranks call them), `full_state_dict(runtime, model)` (the
+* checkpoints: `save_training_state(runtime, writer)` / `load_training_state(runtime, reader)` (every
+  prepared model and optimizer, through `checkpointing._writer.CheckpointWriter` and
+  `checkpointing._reader.CheckpointReader`, which checksum, verify and snapshot; all ranks call them),
+  `full_state_dict(runtime, model)` (the
   unsharded, unwrapped state dict on rank 0, None elsewhere allowed) and the constant
   `CHECKPOINT_WORLD_SIZE_DEPENDENT` (True where a checkpoint cannot be loaded at another world size).
 

@@ -15,8 +15,7 @@ checkpoint (in a hidden folder next to it, removed afterwards) and the engine lo
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,16 +49,48 @@ def safe_globals() -> list[Any]:
     return found
 
 
+_allowed_depth = 0
+_allowed_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def allow_deepspeed_types() -> Iterator[None]:
+    """`safe_globals()` allowed for `weights_only=True` loads inside this block. Re-entrant: torch's own
+    `safe_globals` context removes its classes on exit even when an outer block still needs them."""
+    import torch
+
+    global _allowed_depth
+    with _allowed_lock:
+        if _allowed_depth == 0:
+            torch.serialization.add_safe_globals(safe_globals())
+        _allowed_depth += 1
+    try:
+        yield
+    finally:
+        with _allowed_lock:
+            _allowed_depth -= 1
+            if _allowed_depth == 0:
+                from torch import _weights_only_unpickler as unpickler
+
+                unpickler._remove_safe_globals(safe_globals())
+
+
 def _engine_class() -> type:
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
     class DistribCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         """DeepSpeed's file access, through a `CheckpointWriter` (saving) or `CheckpointReader` (loading)."""
 
-        def __init__(self, writer: CheckpointWriter | None, reader: CheckpointReader | None) -> None:
+        def __init__(
+            self,
+            writer: CheckpointWriter | None,
+            reader: CheckpointReader | None,
+            trusted: Path | None = None,
+        ) -> None:
             super().__init__(None)
             self.name = "distrib"
             self.writer, self.reader = writer, reader
+            self.trusted = trusted  # a folder distrib itself just produced (a universal conversion)
 
         def create(self, info: Any) -> None:
             pass
@@ -72,10 +103,13 @@ def _engine_class() -> type:
             self.writer.torch_object(_relative(self.writer.directory, path), state_dict)
 
         def load(self, path: str, map_location: Any = None) -> Any:
-            assert self.reader is not None, "DeepSpeed loaded through distrib's saving engine"
             import torch
 
-            with torch.serialization.safe_globals(safe_globals()):
+            with allow_deepspeed_types():
+                if self.trusted is not None:
+                    _relative(self.trusted, path)  # inside the folder, or ValueError
+                    return torch.load(path, map_location=map_location, weights_only=True)
+                assert self.reader is not None, "DeepSpeed loaded through distrib's saving engine"
                 return self.reader.torch_object(_relative(self.reader.directory, path), map_location)
 
     return DistribCheckpointEngine
@@ -125,13 +159,3 @@ def load_training_state(runtime: Runtime, reader: CheckpointReader) -> None:
                 f"DeepSpeed could not load {tag!r} from {str(reader.directory)!r}; was it saved with the same "
                 "ZeRO stage and models?"
             )
-
-
-def remove_quietly(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def environment_for_safe_loads() -> dict[str, str]:
-    """Environment of a conversion subprocess whose every `torch.load` is forced to `weights_only=True`."""
-    return {**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
