@@ -46,7 +46,7 @@ class _LedgerFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        with DurableFile(Path(path), self.ledger) as stream:
+        with DurableFile(Path(path), self.ledger, defer_sync=True) as stream:
             yield stream
 
     def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:

@@ -36,6 +36,16 @@ _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:
+    """In a forked child: the parent's I/O threads do not exist there, so start a new pool on first use."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def io_threads() -> int:
     """Threads for checkpoint I/O: enough to keep a fast disk busy, never more than the CPUs."""
     return max(2, min(8, os.cpu_count() or 1))
@@ -65,13 +75,29 @@ def os_error(e: OSError, action: str, path: Path | str, checkpoint: Path | str |
 class Ledger:
     """Size and CRC-32C of every file written through `DurableFile`, by name relative to a directory."""
 
-    def __init__(self, directory: Path, rank: int | None = None, checkpoint: Path | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        rank: int | None = None,
+        checkpoint: Path | None = None,
+        *,
+        parallel: bool = True,
+    ) -> None:
         self.directory = directory
         self.rank = rank
+        #: whether large writes fan out over the I/O threads (a background save writes from its own thread
+        #: only, leaving the other cores to the training loop)
+        self.parallel = parallel
         #: the checkpoint the files are for, named in errors (its final path, not the temporary one)
         self.checkpoint = checkpoint if checkpoint is not None else directory
         self._entries: dict[str, dict[str, Any]] = {}
+        self._syncs: list[Future[None]] = []
         self._lock = threading.Lock()
+
+    def defer(self, sync: Future[None]) -> None:
+        """A file's fsync, running in the I/O threads while the next file is written."""
+        with self._lock:
+            self._syncs.append(sync)
 
     def record(self, path: Path, size: int, crc: int) -> None:
         name = path.relative_to(self.directory).as_posix()
@@ -86,6 +112,11 @@ class Ledger:
                 self._entries[new.relative_to(self.directory).as_posix()] = entry
 
     def entries(self) -> dict[str, dict[str, Any]]:
+        """Every file recorded, once all of them are on stable storage (raises a deferred fsync's error)."""
+        with self._lock:
+            syncs, self._syncs = self._syncs, []
+        for sync in syncs:
+            sync.result()
         with self._lock:
             return dict(self._entries)
 
@@ -117,8 +148,11 @@ class DurableFile:
             torch.save(state, f)
     """
 
-    def __init__(self, path: Path, ledger: Ledger, *, checkpoint: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, ledger: Ledger, *, checkpoint: Path | None = None, defer_sync: bool = False
+    ) -> None:
         self.path = path
+        self._defer_sync = defer_sync
         self.name = str(path)
         self._ledger = ledger
         self._checkpoint = checkpoint if checkpoint is not None else ledger.checkpoint
@@ -164,18 +198,29 @@ class DurableFile:
         return self._fd
 
     def close(self) -> None:
-        """Write what is buffered, fsync, close and record the file (once; a failed file is not recorded)."""
+        """Write what is buffered, fsync, close and record the file (once; a failed file is not recorded).
+        With `defer_sync`, the fsync runs in the I/O threads and `Ledger.entries()` waits for it."""
         if self._closed:
             return
         self._closed = True
         try:
             self._drain()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._ledger.record(self.path, self._pos, self._crc)
+        if self._defer_sync:
+            self._ledger.defer(pool().submit(self._sync_and_close))
+        else:
+            self._sync_and_close()
+
+    def _sync_and_close(self) -> None:
+        try:
             os.fsync(self._fd)
         except OSError as e:
             raise os_error(e, "writing", self.path, self._checkpoint) from e
         finally:
             os.close(self._fd)
-        self._ledger.record(self.path, self._pos, self._crc)
 
     def abort(self) -> None:
         """Close without recording (the file is incomplete)."""
@@ -202,7 +247,7 @@ class DurableFile:
 
     def _put(self, view: memoryview) -> None:
         try:
-            if len(view) < 2 * PIECE:
+            if len(view) < 2 * PIECE or not self._ledger.parallel:
                 crc = _pwrite_all(self._fd, view, self._pos)
             else:
                 crc = self._put_parallel(view)

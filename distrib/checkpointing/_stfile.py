@@ -41,7 +41,12 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def write_safetensors(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, ledger: Ledger
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None,
+    ledger: Ledger,
+    *,
+    defer_sync: bool = False,
 ) -> None:
     """Write contiguous CPU `tensors` as a safetensors file through a `DurableFile` (fsynced, recorded)."""
     # larger elements first keeps every tensor aligned to its element size, as safetensors itself does
@@ -62,7 +67,7 @@ def write_safetensors(
         header["__metadata__"] = dict(metadata)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with DurableFile(path, ledger) as f:
+    with DurableFile(path, ledger, defer_sync=defer_sync) as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for _, t in order:
             f.write(tensor_bytes(t))

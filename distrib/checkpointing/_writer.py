@@ -115,7 +115,7 @@ class CheckpointWriter:
         self.background = snapshots is not None
         #: the group a background save's collectives use (None: the default group, or one process)
         self.process_group = process_group
-        self.ledger = Ledger(directory, rank, final)
+        self.ledger = Ledger(directory, rank, final, parallel=snapshots is None)
         self._snapshots = snapshots
         self._jobs: list[Callable[[], None]] = []
         self._settled: Callable[[], None] = lambda: None
@@ -137,7 +137,7 @@ class CheckpointWriter:
         meta = {"format": "pt", **(metadata or {})}
         if aliases:
             meta[ALIASES_KEY] = json.dumps(aliases)
-        self._do(lambda: write_safetensors(self.path(name), tensors, meta, self.ledger))
+        self._do(lambda: write_safetensors(self.path(name), tensors, meta, self.ledger, defer_sync=True))
 
     def torch_object(self, name: str, obj: Any, *, small: bool = False) -> None:
         """A `torch.save` file (read back with `weights_only=True` unless the user opts out). A background
@@ -165,7 +165,7 @@ class CheckpointWriter:
 
     def stream(self, name: str) -> DurableFile:
         """A new file to write into now (for writers with their own format, e.g. DCP and DeepSpeed)."""
-        return DurableFile(self.path(name), self.ledger)
+        return DurableFile(self.path(name), self.ledger, defer_sync=True)
 
     def defer(self, job: Callable[[], None]) -> None:
         """Run `job` when the files are written: now, or in the background after the snapshot."""
