@@ -9,6 +9,8 @@ every rank, unless `SaveHandle.wait()` already raised it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -103,7 +105,9 @@ class Saver:
     def start(self, path: Path, work: Callable[[], None]) -> SaveHandle:
         with self._lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distrib-save")
+                self._executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="distrib-save", initializer=_yield_to_training
+                )
             self.handle = SaveHandle(path, self._executor.submit(work))
         return self.handle
 
@@ -117,6 +121,13 @@ class Saver:
             if self._group is not None and dist.is_initialized():
                 dist.destroy_process_group(self._group)
             self._group = None
+
+
+def _yield_to_training() -> None:
+    """Lower the saver thread's CPU priority (Linux: per thread), so that where cores are scarce the
+    training loop keeps running at full speed and the save takes the CPU time left over."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def saver(runtime: Runtime) -> Saver:

@@ -2,15 +2,18 @@
 
 The parts of a checkpoint are listed once, in `_stage` (saving) and `_restore` (loading): random states,
 hooks, the strategy's models and optimizers, schedulers, counters and dataloader positions, registered
-objects. A feature that adds a part adds one line to each (a function `save(runtime, writer)` called while
-the state is snapshotted, and `load(runtime, reader)` called after everything else is restored; see
-`CheckpointWriter` and `CheckpointReader` for what they can write and read).
+objects, then the `EXTRA_PARTS`. A feature that adds a part appends one `(save, load)` pair there:
+`save(runtime, writer)` runs on every rank while the state is snapshotted (after every other part, so it
+sees what they saw; write with `writer.json(name, value)`, `writer.tensors(...)`, ...), and
+`load(runtime, reader)` runs on every rank after everything else was restored, random states included
+(read with `reader.json(name)`; `reader.has(name)` for checkpoints written before the part existed).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -107,6 +110,12 @@ def save_state(
     return saver.start(plan.final, in_background)
 
 
+SavePart = Callable[["Runtime", CheckpointWriter], None]
+LoadPart = Callable[["Runtime", CheckpointReader], None]
+#: (save, load) pairs of the parts features add to every checkpoint (see the module docstring)
+EXTRA_PARTS: list[tuple[SavePart, LoadPart]] = []
+
+
 def _stage(runtime: Runtime, writer: CheckpointWriter) -> dict[str, Any] | None:
     """Write (or, in the background, snapshot) every part of the checkpoint on this rank."""
     _rng.save_rng(writer, runtime.rank)  # first: hooks and writers must not disturb the saved state
@@ -122,6 +131,8 @@ def _stage(runtime: Runtime, writer: CheckpointWriter) -> dict[str, Any] | None:
     if failure is not None:
         raise failure
     save_objects(runtime, writer)
+    for save, _ in EXTRA_PARTS:
+        save(runtime, writer)
     writer.settle()
     return metadata
 
@@ -210,7 +221,11 @@ def _restore(runtime: Runtime, reader: CheckpointReader) -> None:
     runtime.strategy_module.load_training_state(runtime, reader)
     load_objects(runtime, reader)
     if _rng.has_rng(reader, runtime.rank):
-        _rng.load_rng(reader, runtime.rank)  # last, so that nothing above consumes random numbers
+        _rng.load_rng(
+            reader, runtime.rank
+        )  # after the objects, so that nothing above consumes random numbers
+    for _, load in EXTRA_PARTS:
+        load(runtime, reader)
 
 
 def _check_world_size(runtime: Runtime, manifest: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ through a `DurableFile`, so its size and CRC-32C are known without reading it ba
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import io
 import json
@@ -73,7 +74,12 @@ class Snapshots:
             return type(obj)({k: self.structure(file, v, f"{path}/{k}") for k, v in obj.items()})  # type: ignore[call-arg]
         if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
             return type(obj)(self.structure(file, v, f"{path}/{i}") for i, v in enumerate(obj))
-        return obj
+        if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+            return obj
+        try:  # any other value may change after the call returns: the snapshot keeps a copy
+            return copy.deepcopy(obj)
+        except Exception:  # not copyable (a lambda, a lock): torch.save will name the file if it fails too
+            return obj
 
     def _memmove(self, buffer: torch.Tensor, t: torch.Tensor) -> None:
         nbytes = t.numel() * t.element_size()

@@ -142,3 +142,52 @@ def test_snapshot_buffers_are_reused_and_still_isolated(run: Runtime) -> None:
         handle.wait()
         load_state(handle.path)
         assert {float(v) for p in model.parameters() for v in p.detach().unique()} == {value}
+
+
+def test_large_optimizer_files_load_memory_mapped_and_verified(
+    run: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optimizer files above the threshold are memory-mapped while a thread checks their CRC-32C."""
+    from distrib.checkpointing import _reader
+
+    monkeypatch.setattr(_reader, "_MMAP_FROM", 1)
+    model, optimizer = _prepared()
+    before = _state(model, optimizer)
+    path = save_state()
+    optimizer.step()
+    load_state(path)
+    after = _state(model, optimizer)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    optimizer.step()  # the loaded state is writable (copy-on-write pages of the mapping)
+    data = bytearray((path / "optimizer_0.pt").read_bytes())
+    data[-30] ^= 0xFF
+    (path / "optimizer_0.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"optimizer_0\.pt' does not match its crc32c checksum"):
+        load_state(path)
+
+
+def test_extra_parts_are_saved_snapshotted_and_restored_last(run: Runtime) -> None:
+    """The extension point other features use (e.g. the resume fingerprint)."""
+    from distrib.checkpointing import _state
+
+    seen: dict[str, Any] = {}
+
+    def save(runtime: Any, writer: Any) -> None:
+        writer.json(f"extra_{runtime.rank}.json", {"step": runtime.state.optimizer_steps})
+
+    def load(runtime: Any, reader: Any) -> None:
+        seen["value"] = reader.json(f"extra_{runtime.rank}.json")
+        seen["draw_is_restored"] = torch.rand(1).item() == seen.get("expected_draw")
+
+    _state.EXTRA_PARTS.append((save, load))
+    try:
+        _prepared()
+        run.state.optimizer_steps = 4
+        handle = save_state(background=True)
+        run.state.optimizer_steps = 5  # after the call: not in the checkpoint
+        seen["expected_draw"] = torch.rand(1).item()
+        load_state(handle.wait())
+    finally:
+        _state.EXTRA_PARTS.clear()
+    assert seen["value"] == {"step": 4}
+    assert seen["draw_is_restored"], "extra parts load after the random states"
