@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..checkpointing._files import temp_sibling
 from ..checkpointing._sync import broadcast_from_main, run_on_every_rank
 from ..errors import CheckpointMismatchError
-from ._deepspeed_checkpoint import _engine_class, _engines, _through, allow_deepspeed_types
+from ._deepspeed_files import allow_deepspeed_types, deepspeed_engines, engine_class, through
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
@@ -93,7 +93,7 @@ def _convert(reader: CheckpointReader, tags: list[str]) -> Path:
 
 def load_resharded(runtime: Runtime, reader: CheckpointReader, saved_world_size: int) -> None:
     """Load a DeepSpeed checkpoint saved by `saved_world_size` processes into this run (collective)."""
-    engines = _engines(runtime)
+    engines = deepspeed_engines(runtime)
     tags = [f"engine_{i}" for i in range(len(engines))]
     if any(engine.zero_optimization_partition_weights() for engine in engines):
         # measured with DeepSpeed 0.19.8: the universal load restores ZeRO-3's optimizer state and master
@@ -120,13 +120,13 @@ def load_resharded(runtime: Runtime, reader: CheckpointReader, saved_world_size:
 
 
 def _load(engines: list[Any], tags: list[str], folder: Path) -> None:
-    cls = _engine_class()
+    cls = engine_class()
     for engine, tag in zip(engines, tags):
         config = engine._config
         previous = config.load_universal_checkpoint
         config.load_universal_checkpoint = True
         try:
-            with _through(engine, cls(None, None, trusted=folder)), _weights_only_everywhere():
+            with through(engine, cls(None, None, trusted=folder)), _weights_only_everywhere():
                 path, _ = engine.load_checkpoint(
                     str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
                 )
