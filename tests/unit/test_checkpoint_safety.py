@@ -245,3 +245,38 @@ def test_a_full_disk_names_the_file_and_the_checkpoint_and_keeps_the_previous(sm
             save_state()
         assert latest_checkpoint(small_disk / "checkpoints") == first
         assert sorted(p.name for p in (small_disk / "checkpoints").iterdir()) == [first.name]
+
+
+def _as_version_1(path: Path) -> None:
+    """Rewrite a manifest the way distrib's first format wrote it: CRC-32 digests, no save counter."""
+    import zlib
+
+    manifest = _manifest(path)
+    manifest.update(format_version=1, checksum="crc32")
+    del manifest["save_counter"]
+    manifest["files"] = {
+        name: {"size": entry["size"], "crc32": f"{zlib.crc32((path / name).read_bytes()):08x}"}
+        for name, entry in manifest["files"].items()
+    }
+    _write_manifest(path, manifest)
+
+
+def test_checkpoints_of_the_first_format_still_load_and_verify(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    with distributed(project_dir=str(tmp_path)) as ctx:
+        model = nn.Linear(8, 8)
+        prepare(model)
+        ctx.state.optimizer_steps = 9
+        old = save_state()
+        _as_version_1(old)
+        ctx.state.optimizer_steps = 3
+        new = save_state()  # saved later, with a smaller step: newer than any first-format checkpoint
+        assert latest_checkpoint(root) == new
+        assert load_state(old) == old and ctx.state.optimizer_steps == 9
+        data = bytearray((old / "model_0.safetensors").read_bytes())
+        data[-1] ^= 0xFF
+        (old / "model_0.safetensors").write_bytes(bytes(data))
+        with pytest.raises(
+            CheckpointCorruptError, match=r"model_0\.safetensors' does not match its crc32 checksum"
+        ):
+            load_state(old)
