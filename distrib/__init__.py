@@ -81,6 +81,7 @@ _EXPORTS: dict[str, str] = {
     "remove_hooks": "big_modeling",
     # checkpoints
     "save_state": "checkpointing",
+    "SaveHandle": "checkpointing",
     "load_state": "checkpointing",
     "save_model": "checkpointing",
     "save": "checkpointing",
@@ -192,6 +193,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         remove_hooks,
     )
     from .checkpointing import (
+        SaveHandle,
         load_state,
         register_for_checkpointing,
         register_load_state_pre_hook,

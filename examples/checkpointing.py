@@ -5,6 +5,7 @@ finds the newest checkpoint and continues from it (mid-epoch included) instead o
 
     python examples/checkpointing.py --stop-after 25   # stops early, as if interrupted
     python examples/checkpointing.py                   # resumes at step 25 and finishes
+    python examples/checkpointing.py --background      # saves in the background while training goes on
     distrib launch --num-processes 2 examples/checkpointing.py
 """
 
@@ -52,7 +53,11 @@ class RunningLoss:
 def main(args: argparse.Namespace) -> None:
     # distrib: checkpoints go to <project_dir>/checkpoints/step_<optimizer step>, the newest 3 are kept
     with distributed(
-        project_dir=args.project_dir, total_limit=3, gradient_accumulation_steps=2, seed=0
+        project_dir=args.project_dir,
+        total_limit=3,
+        gradient_accumulation_steps=2,
+        seed=0,
+        background_saves=args.background,  # distrib: save_state() snapshots and writes in a thread
     ) as ctx:
         model = small_model()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -83,7 +88,7 @@ def main(args: argparse.Namespace) -> None:
                 running.update(loss.detach())
                 step = ctx.state.optimizer_steps
                 if ctx.sync_gradients and step % args.save_every == 0:
-                    save_state()  # distrib: atomic; every rank calls it
+                    save_state()  # distrib: atomic; every rank calls it (the scope's exit waits for it)
                 if step == args.stop_after:
                     distrib.print(f"stopping at step {step}; run again to resume")
                     return
@@ -99,4 +104,5 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--save-every", type=int, default=25, help="optimizer steps between checkpoints")
     parser.add_argument("--stop-after", type=int, default=-1, help="stop at this step (simulates a kill)")
+    parser.add_argument("--background", action="store_true", help="save in the background")
     main(parser.parse_args())

@@ -195,7 +195,11 @@ ROWS: tuple[Row, ...] = (
         default=DEFAULT_GRACE_PERIOD,
     ),
     Row("strategy", "How the model is distributed; auto: ddp with several processes, else single.", T),
-    Row("mixed_precision", "Mixed precision of forward and backward (fp8 needs a GPU; fp16 scales the loss, also on CPU).", T),
+    Row(
+        "mixed_precision",
+        "Mixed precision of forward and backward (fp8 needs a GPU; fp16 scales the loss, also on CPU).",
+        T,
+    ),
     Row("gradient_accumulation_steps", "Micro-batches per optimizer step in accumulate().", T, minimum=1),
     Row("seed", "Seed every rank's random generators with this value.", T),
     Row(

@@ -11,17 +11,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CheckpointMismatchError
-from ._tensors import load_torch_file, read_tensors, save_torch_file, unwrapped, write_tensors
+from ..errors import CheckpointCorruptError, CheckpointMismatchError
+from ._tensors import unwrapped
 
 if TYPE_CHECKING:
     from .._runtime import Runtime, TrainingState
+    from ._reader import CheckpointReader
+    from ._writer import CheckpointWriter
 
 TRAINING_STATE = "training_state.json"
 SCALER = "scaler.json"
@@ -56,34 +57,46 @@ def window_position(state: TrainingState) -> tuple[int, int]:
     return (0, 1) if state.sync_gradients else (state.micro_step, state.window_size)
 
 
-def save_objects(runtime: Runtime, directory: Path) -> None:
+def save_objects(runtime: Runtime, writer: CheckpointWriter) -> None:
     """Write this module's files (rank 0 the shared ones, every rank its own gradients)."""
     state = runtime.state
     micro_step, _ = window_position(state)
     if micro_step:
-        write_tensors(directory / f"gradients_{runtime.rank}.safetensors", _gradients(runtime))
+        writer.tensors(f"gradients_{runtime.rank}.safetensors", _gradients(runtime))
     if runtime.rank != 0:
         return
-    _write_json(directory / TRAINING_STATE, _counters(state))
+    writer.json(TRAINING_STATE, _counters(state))
     if state.scaler is not None:
-        _write_json(directory / SCALER, state.scaler.state_dict())
+        writer.json(SCALER, state.scaler.state_dict())
     for kind, objects in (("scheduler", state.schedulers), ("custom", state.custom_objects)):
         for i, obj in enumerate(objects):
-            save_torch_file(obj.state_dict(), directory / f"{kind}_{i}.pt")
+            writer.torch_object(f"{kind}_{i}.pt", obj.state_dict(), small=True)
 
 
-def load_objects(runtime: Runtime, directory: Path, *, weights_only: bool) -> None:
+def load_objects(runtime: Runtime, reader: CheckpointReader) -> None:
     """Restore what `save_objects` wrote, on this rank."""
     state = runtime.state
     for kind, objects in (("scheduler", state.schedulers), ("custom", state.custom_objects)):
         for i, obj in enumerate(objects):
-            obj.load_state_dict(
-                load_torch_file(directory / f"{kind}_{i}.pt", "cpu", weights_only=weights_only)
-            )
+            obj.load_state_dict(reader.torch_object(f"{kind}_{i}.pt", "cpu"))
     if state.scaler is not None:
-        state.scaler.load_state_dict(json.loads((directory / SCALER).read_text(encoding="utf-8")))
-    counters = json.loads((directory / TRAINING_STATE).read_text(encoding="utf-8"))
-    for loader, position in zip(state.dataloaders, counters["dataloaders"]):
+        state.scaler.load_state_dict(reader.json(SCALER))
+    counters = reader.json(TRAINING_STATE)
+    try:
+        _restore_counters(runtime, counters, reader)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointCorruptError(
+            f"{str(reader.directory / TRAINING_STATE)!r} is malformed ({type(e).__name__}: {e}); restore it or "
+            "load another checkpoint."
+        ) from e
+
+
+def _restore_counters(runtime: Runtime, counters: dict[str, Any], reader: CheckpointReader) -> None:
+    state = runtime.state
+    positions = counters["dataloaders"]
+    if not isinstance(positions, list) or len(positions) != len(state.dataloaders):
+        raise ValueError(f"{len(state.dataloaders)} dataloader positions expected")
+    for loader, position in zip(state.dataloaders, positions):
         loader.load_state_dict(position)
     state.optimizer_steps = int(counters["optimizer_steps"])
     state.optimizer_step_skipped = bool(counters["optimizer_step_skipped"])
@@ -91,7 +104,7 @@ def load_objects(runtime: Runtime, directory: Path, *, weights_only: bool) -> No
     state.window_size = int(counters["window_size"])
     state.sync_gradients = state.micro_step == 0
     if state.micro_step:
-        _load_gradients(runtime, directory, counters)
+        _load_gradients(runtime, reader, counters)
 
 
 def _counters(state: TrainingState) -> dict[str, Any]:
@@ -105,10 +118,6 @@ def _counters(state: TrainingState) -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=1), encoding="utf-8")
-
-
 def _gradients(runtime: Runtime) -> dict[str, torch.Tensor]:
     grads = {}
     for i, model in enumerate(runtime.state.models):
@@ -119,16 +128,16 @@ def _gradients(runtime: Runtime) -> dict[str, torch.Tensor]:
     return grads
 
 
-def _load_gradients(runtime: Runtime, directory: Path, counters: dict[str, Any]) -> None:
-    path = directory / f"gradients_{runtime.rank}.safetensors"
-    if not path.is_file():
+def _load_gradients(runtime: Runtime, reader: CheckpointReader, counters: dict[str, Any]) -> None:
+    name = f"gradients_{runtime.rank}.safetensors"
+    if not reader.has(name):
         raise CheckpointMismatchError(
-            f"the checkpoint {str(directory)!r} was taken in the middle of an accumulation window "
+            f"the checkpoint {str(reader.directory)!r} was taken in the middle of an accumulation window "
             f"(micro-step {counters['micro_step']} of {counters['window_size']}) and holds no gradients for "
             f"rank {runtime.rank}; resume it with the world size it was saved with, or save at a window "
             "boundary (outside `accumulate`, after optimizer.step())."
         )
-    saved = read_tensors(path, runtime.device)
+    saved = reader.tensors(name)
     for i, model in enumerate(runtime.state.models):
         for name, param in unwrapped(runtime, model).named_parameters():
             grad = saved.get(f"{i}:{name}")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ._tensors import read_tensors, write_tensors
+from ..errors import CheckpointCorruptError
+
+if TYPE_CHECKING:
+    from ._reader import CheckpointReader
+    from ._writer import CheckpointWriter
 
 
 def json_name(rank: int) -> str:
@@ -43,25 +46,36 @@ def _cuda_states() -> dict[str, torch.Tensor]:
     return {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
 
 
-def save_rng(directory: Path, rank: int) -> None:
-    """Write this process's generator states. Call it before anything that draws random numbers."""
+def save_rng(writer: CheckpointWriter, rank: int) -> None:
+    """Write this process's generator states (taken now). Call it before anything that draws random
+    numbers."""
     version, internal, gauss_next = random.getstate()
     document = {
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
         "numpy": _numpy_state(),
     }
-    tensors = {"torch.cpu": torch.get_rng_state(), **_cuda_states()}
-    (directory / json_name(rank)).write_text(json.dumps(document), encoding="utf-8")
-    write_tensors(directory / tensors_name(rank), tensors)
+    tensors = {"torch.cpu": torch.get_rng_state(), **_cuda_states()}  # fresh copies already
+    writer.raw(json_name(rank), json.dumps(document).encode("utf-8"))
+    writer.tensors(tensors_name(rank), tensors)
 
 
-def has_rng(directory: Path, rank: int) -> bool:
-    return (directory / json_name(rank)).is_file()
+def has_rng(reader: CheckpointReader, rank: int) -> bool:
+    return reader.has(json_name(rank))
 
 
-def load_rng(directory: Path, rank: int) -> None:
-    """Restore this process's generator states from `directory`."""
-    document = json.loads((directory / json_name(rank)).read_text(encoding="utf-8"))
+def load_rng(reader: CheckpointReader, rank: int) -> None:
+    """Restore this process's generator states from the checkpoint."""
+    document = reader.json(json_name(rank))
+    tensors = reader.tensors(tensors_name(rank))
+    try:
+        _restore(document, tensors)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointCorruptError(
+            f"the random state in {str(reader.directory / json_name(rank))!r} is malformed: {e!r}"
+        ) from e
+
+
+def _restore(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     py = document["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     npy = document["numpy"]
@@ -74,7 +88,6 @@ def load_rng(directory: Path, rank: int) -> None:
             npy["cached_gaussian"],
         )
     )
-    tensors = read_tensors(directory / tensors_name(rank))
     torch.set_rng_state(tensors["torch.cpu"])
     cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1) if f"cuda.{i}" in tensors]
     if cuda and torch.cuda.is_available():

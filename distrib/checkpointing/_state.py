@@ -1,37 +1,53 @@
-"""`save_state` and `load_state`: the whole training state, written atomically, verified on load."""
+"""`save_state` and `load_state`: the whole training state, written atomically, verified as it is read.
+
+The parts of a checkpoint are listed once, in `_stage` (saving) and `_restore` (loading): random states,
+hooks, the strategy's models and optimizers, schedulers, counters and dataloader positions, registered
+objects, then the `EXTRA_PARTS`. A feature that adds a part appends one `(save, load)` pair there:
+`save(runtime, writer)` runs on every rank while the state is snapshotted (after every other part, so it
+sees what they saw; write with `writer.json(name, value)`, `writer.tensors(...)`, ...), and
+`load(runtime, reader)` runs on every rank after everything else was restored, random states included
+(read with `reader.json(name)`; `reader.has(name)` for checkpoints written before the part existed).
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 
 from .._runtime import current
 from .._version import __version__
 from ..errors import CheckpointError, CheckpointMismatchError, DistribWarning
-from . import _layout, _rng
-from ._files import fsync_dir, temp_sibling
-from ._manifest import Verify, read_manifest, verify_files, write_manifest
+from . import _background, _faults, _layout, _rng
+from ._background import SaveHandle
+from ._commit import commit, discard_temp, make_plan, project_root
+from ._manifest import Verify, read_manifest
 from ._objects import check_contents, contents, load_objects, save_objects
+from ._reader import CheckpointReader
 from ._sync import run_on_every_rank
+from ._writer import CheckpointWriter
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
 
 
-@dataclass(frozen=True)
-class _Plan:
-    final: Path  # where the checkpoint appears when complete
-    temp: Path  # where it is written until then
-    rotate_root: Path | None  # the project's checkpoints folder (rotation applies), else None
+@overload
+def save_state(path: str | os.PathLike[str] | None = None, *, background: Literal[False]) -> Path: ...
+@overload
+def save_state(path: str | os.PathLike[str] | None = None, *, background: Literal[True]) -> SaveHandle: ...
+@overload
+def save_state(
+    path: str | os.PathLike[str] | None = None, *, background: None = None
+) -> Path | SaveHandle: ...
 
 
-def save_state(path: str | os.PathLike[str] | None = None) -> Path:
+def save_state(
+    path: str | os.PathLike[str] | None = None, *, background: bool | None = None
+) -> Path | SaveHandle:
     """Save everything needed to continue training; returns the checkpoint directory. Call on every rank.
 
     Saved: every prepared model, optimizer and LR scheduler, the fp16 gradient scaler, each rank's random
@@ -41,78 +57,84 @@ def save_state(path: str | os.PathLike[str] | None = None) -> Path:
     registered with `register_save_state_pre_hook`.
 
     With `path=None` the checkpoint goes to `<project_dir>/checkpoints/step_<optimizer_steps:06d>` (the
-    `project_dir` setting is required) and only the newest `total_limit` checkpoints are kept. The save
-    is atomic: files are written to a hidden temporary directory next to the target, fsynced, listed with
-    their checksums in `manifest.json`, and renamed into place once every rank has finished; a crash at
-    any moment leaves the previous checkpoints intact. An existing `path` is replaced only if it is a
-    distrib checkpoint or an empty directory. Example::
+    `project_dir` setting is required) and only the newest `total_limit` checkpoints are kept (newest by
+    the order they were saved in). The save is atomic: files are written to a hidden temporary directory
+    next to the target, fsynced, listed with their sizes and CRC-32C checksums (computed as they are
+    written) in `manifest.json`, and put in place once every rank has finished; a crash at any moment
+    leaves the previous checkpoints intact, and an explicit `path` that held a checkpoint holds a complete
+    one at every moment. An existing `path` is replaced only if it is a distrib checkpoint or an empty
+    directory. A failure on any rank raises the same error on every rank.
+
+    `background=True` (default: the `background_saves` setting) returns a `SaveHandle` as soon as the
+    state is copied to CPU memory and writes the checkpoint in a background thread with the same
+    guarantees; changes to the model after the call do not reach the checkpoint. One save is in flight at
+    a time: the next `save_state`, a `load_state` and the scope's exit wait for it, and raise its error if
+    it failed (unless `handle.wait()` already did). Example::
 
         with distributed(project_dir="runs/exp1", total_limit=3) as ctx:
             ...
             if ctx.state.optimizer_steps % 500 == 0:
-                save_state()          # runs/exp1/checkpoints/step_000500
+                save_state()                      # runs/exp1/checkpoints/step_000500
+                # or: handle = save_state(background=True); ...; handle.wait()
     """
     runtime = current("save_state")
-    plan = run_on_every_rank(runtime, "preparing the checkpoint", lambda: _plan(runtime, path))[0]
-    assert plan is not None
+    saver = _background.saver(runtime)
+    saver.settle()  # at most one save in flight; its error surfaces here if nobody saw it
+    if background is None:
+        background = runtime.settings.background_saves
+    plan = run_on_every_rank(runtime, "preparing the checkpoint", lambda: make_plan(runtime, path))[0]
+    assert plan is not None, "rank 0 plans every save"
+    _faults.point("after_plan", runtime.rank)
+    group = saver.group() if background else None
+    writer = CheckpointWriter(
+        plan.temp,
+        runtime.rank,
+        snapshots=saver.snapshots if background else None,
+        process_group=group,
+        final=plan.final,
+    )
     try:
-        run_on_every_rank(runtime, "writing the checkpoint", lambda: _write(runtime, plan.temp))
-        write_manifest(runtime, plan.temp, _metadata(runtime))
-        run_on_every_rank(runtime, "publishing the checkpoint", lambda: _publish(runtime, plan))
+        metadata = run_on_every_rank(runtime, "writing the checkpoint", lambda: _stage(runtime, writer))[0]
     except BaseException:
-        if runtime.rank == 0:
-            shutil.rmtree(plan.temp, ignore_errors=True)
+        discard_temp(runtime, plan)
         raise
-    return plan.final
+    assert metadata is not None, "rank 0 describes every save"
+    if not background:
+        commit(runtime, plan, writer, metadata)
+        return plan.final
+
+    def in_background() -> None:
+        _faults.point("background_write", runtime.rank)
+        commit(runtime, plan, writer, metadata, group)
+
+    return saver.start(plan.final, in_background)
 
 
-def _plan(runtime: Runtime, path: str | os.PathLike[str] | None) -> _Plan | None:
-    """On rank 0: choose the target, clear leftovers of interrupted saves, create the temporary dir."""
-    if runtime.rank != 0:
-        return None
-    if path is None:
-        root = _project_root(runtime, "save_state")
-        root.mkdir(parents=True, exist_ok=True)
-        _layout.remove_leftovers(root)
-        final = _layout.new_checkpoint_path(root, runtime.state.optimizer_steps)
-        rotate_root: Path | None = root
-    else:
-        final = Path(path).absolute()
-        _check_replaceable(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _layout.remove_leftovers(final.parent, final.name)
-        rotate_root = None
-    temp = temp_sibling(final, _layout.TEMP_PREFIX)
-    temp.mkdir()
-    return _Plan(final, temp, rotate_root)
+SavePart = Callable[["Runtime", CheckpointWriter], None]
+LoadPart = Callable[["Runtime", CheckpointReader], None]
+#: (save, load) pairs of the parts features add to every checkpoint (see the module docstring)
+EXTRA_PARTS: list[tuple[SavePart, LoadPart]] = []
 
 
-def _project_root(runtime: Runtime, caller: str) -> Path:
-    project_dir = runtime.settings.project_dir
-    if project_dir is None:
-        raise CheckpointError(
-            f"{caller}() without a path uses the project layout, which needs the project_dir setting: "
-            f"open the scope with distributed(project_dir='runs/my-run'), or pass a directory, e.g. "
-            f"{caller}('checkpoints/step_100')."
-        )
-    return _layout.checkpoints_root(project_dir)
-
-
-def _check_replaceable(final: Path) -> None:
-    if final.exists() and not (_layout.is_complete(final) or (final.is_dir() and not any(final.iterdir()))):
-        raise CheckpointError(
-            f"save_state({str(final)!r}): that path exists and is not a distrib checkpoint; save_state "
-            "replaces only an earlier checkpoint or an empty directory. Choose a new directory."
-        )
-
-
-def _write(runtime: Runtime, directory: Path) -> None:
-    _rng.save_rng(directory, runtime.rank)  # first: hooks and writers must not disturb the saved state
+def _stage(runtime: Runtime, writer: CheckpointWriter) -> dict[str, Any] | None:
+    """Write (or, in the background, snapshot) every part of the checkpoint on this rank."""
+    _rng.save_rng(writer, runtime.rank)  # first: hooks and writers must not disturb the saved state
     state = runtime.state
-    for hook in list(state.save_hooks):
-        hook(list(state.models), directory)
-    runtime.strategy_module.save_training_state(runtime, directory)
-    save_objects(runtime, directory)
+    metadata = _metadata(runtime) if runtime.rank == 0 else None
+    failure: BaseException | None = None
+    try:
+        for hook in list(state.save_hooks):
+            hook(list(state.models), writer.directory)
+    except Exception as e:  # the strategy's part below is collective: every rank must reach it
+        failure = e
+    runtime.strategy_module.save_training_state(runtime, writer)
+    if failure is not None:
+        raise failure
+    save_objects(runtime, writer)
+    for save, _ in EXTRA_PARTS:
+        save(runtime, writer)
+    writer.settle()
+    return metadata
 
 
 def _metadata(runtime: Runtime) -> dict[str, Any]:
@@ -128,34 +150,21 @@ def _metadata(runtime: Runtime) -> dict[str, Any]:
     }
 
 
-def _publish(runtime: Runtime, plan: _Plan) -> None:
-    """On rank 0: rename the finished temporary directory into place, then rotate old checkpoints."""
-    if runtime.rank != 0:
-        return
-    # an explicit path that held an earlier checkpoint (checked in _plan) is moved aside, not deleted,
-    # until the new one is in place
-    old = _layout.move_to_trash(plan.final) if plan.final.exists() else None
-    os.replace(plan.temp, plan.final)
-    fsync_dir(plan.final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    limit = runtime.settings.total_limit
-    if plan.rotate_root is not None and limit is not None:
-        _layout.rotate(plan.rotate_root, limit, keep=plan.final)
-
-
 def load_state(
     path: str | os.PathLike[str] | None = None, *, verify: Verify = "checksum", weights_only: bool = True
 ) -> Path | None:
     """Restore everything `save_state` saved into the prepared objects; returns the checkpoint loaded.
 
-    `path=None` or `"latest"` picks the newest complete checkpoint under `<project_dir>/checkpoints`, and
-    returns None when there is none yet, so the same script starts fresh on its first run and resumes on
-    the next ones. Every file is checked against the manifest first: sizes always, checksums unless
-    `verify="size"` (faster for huge checkpoints). Files are read with `torch.load(weights_only=True)`;
-    `weights_only=False` allows arbitrary pickled objects in scheduler and registered-object state and
-    runs their code: use it only for checkpoints you trust. Call it on every rank, after `prepare()` and
-    `register_for_checkpointing()`. Example::
+    `path=None` or `"latest"` picks the newest complete checkpoint under `<project_dir>/checkpoints` (the
+    one saved last), and returns None when there is none yet, so the same script starts fresh on its first
+    run and resumes on the next ones. Only files the manifest lists are read, each checked while it is
+    read: its size always, its CRC-32C checksum unless `verify="size"` (faster for huge checkpoints). A
+    file that fails raises `CheckpointCorruptError` naming it; the objects loaded so far may then hold
+    part of the checkpoint, so load another one before training on. Nothing is unpickled by default:
+    tensors are safetensors, the rest JSON or `torch.load(weights_only=True)`; `weights_only=False` allows
+    arbitrary pickled objects in optimizer, scheduler and registered-object state and runs their code:
+    use it only for checkpoints you trust. Call it on every rank, after `prepare()` and
+    `register_for_checkpointing()`; a background save in flight is finished first. Example::
 
         model, optimizer, loader = prepare(model, optimizer, loader)
         load_state("latest")                  # None on the first run: nothing to resume
@@ -164,16 +173,18 @@ def load_state(
                 ...
     """
     runtime = current("load_state")
+    _background.settle(runtime)
+    if verify not in ("checksum", "size"):
+        raise CheckpointError(f"load_state(verify={verify!r}): verify must be 'checksum' or 'size'.")
     directory: Path | None = run_on_every_rank(
         runtime, "finding the checkpoint", lambda: _resolve(runtime, path)
     )[0]
     if directory is None:
         return None
     manifest = run_on_every_rank(runtime, "reading the manifest", lambda: read_manifest(directory))[0]
-    verify_files(runtime, directory, manifest, verify)
-    run_on_every_rank(
-        runtime, "loading the checkpoint", lambda: _load(runtime, directory, manifest, weights_only)
-    )
+    reader = CheckpointReader(directory, manifest, verify=verify, weights_only=weights_only)
+    run_on_every_rank(runtime, "checking the checkpoint", lambda: _check(runtime, reader))
+    run_on_every_rank(runtime, "loading the checkpoint", lambda: _restore(runtime, reader))
     return directory
 
 
@@ -181,8 +192,9 @@ def _resolve(runtime: Runtime, path: str | os.PathLike[str] | None) -> Path | No
     if runtime.rank != 0:
         return None
     if path is None or str(path) == "latest":
-        return _layout.latest_checkpoint(_project_root(runtime, "load_state"))
+        return _layout.latest_checkpoint(project_root(runtime, "load_state"))
     directory = Path(path).absolute()
+    _layout.recover(directory)  # an explicit path whose replacement was interrupted
     if not directory.exists():
         raise CheckpointError(f"load_state({str(path)!r}): no checkpoint there (the path does not exist).")
     newest = None if _layout.is_complete(directory) else _layout.latest_checkpoint(directory)
@@ -194,23 +206,33 @@ def _resolve(runtime: Runtime, path: str | os.PathLike[str] | None) -> Path | No
     return directory
 
 
-def _load(runtime: Runtime, directory: Path, manifest: dict[str, Any], weights_only: bool) -> None:
+def _check(runtime: Runtime, reader: CheckpointReader) -> None:
+    """Before anything is loaded: the checkpoint fits this run, the files hooks read are verified, and
+    the load hooks ran (on every rank, agreed, before the strategy's collective loading starts)."""
     state = runtime.state
-    check_contents(manifest.get("contents", {}), state, directory)
-    _check_world_size(runtime, manifest)
+    check_contents(reader.manifest.get("contents", {}), state, reader.directory)
+    _check_world_size(runtime, reader.manifest)
+    reader.verify_files(reader.hook_files())
     for hook in list(state.load_hooks):
-        hook(list(state.models), directory)
-    runtime.strategy_module.load_training_state(runtime, directory)
-    load_objects(runtime, directory, weights_only=weights_only)
-    if _rng.has_rng(directory, runtime.rank):
-        _rng.load_rng(directory, runtime.rank)  # last, so that nothing above consumes random numbers
+        hook(list(state.models), reader.directory)
+
+
+def _restore(runtime: Runtime, reader: CheckpointReader) -> None:
+    runtime.strategy_module.load_training_state(runtime, reader)
+    load_objects(runtime, reader)
+    if _rng.has_rng(reader, runtime.rank):
+        # after the objects, so that nothing above consumes random numbers
+        _rng.load_rng(reader, runtime.rank)
+    for _, load in EXTRA_PARTS:
+        load(runtime, reader)
+    state = runtime.state
     state.resumed_step = state.optimizer_steps
     for listener in list(state.resume_listeners):
         listener()
 
 
 def _check_world_size(runtime: Runtime, manifest: dict[str, Any]) -> None:
-    saved = int(manifest.get("world_size", runtime.world_size))
+    saved = int(manifest["world_size"])
     if saved == runtime.world_size:
         return
     if getattr(runtime.strategy_module, "CHECKPOINT_WORLD_SIZE_DEPENDENT", True):

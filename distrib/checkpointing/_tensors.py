@@ -1,23 +1,21 @@
 """State dicts to and from safetensors files, with tied (shared) tensors handled.
 
 safetensors refuses tensors that share memory. Tied weights (an embedding reused as the output layer) are
-stored once and recorded as aliases in the file's metadata (`read_tensors` restores them), or, for files
+stored once and recorded as aliases in the file's metadata (`CheckpointReader.tensors` restores them), or, for files
 meant for other tools, stored as separate copies so that `load_file` + `load_state_dict` just works.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointCorruptError, CheckpointError
+from ..errors import CheckpointError
 from ._files import write_atomic
 
 if TYPE_CHECKING:
@@ -31,12 +29,16 @@ def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
 
 
 def to_safetensors(
-    state_dict: Mapping[str, Any], *, keep_aliases: bool = True
+    state_dict: Mapping[str, Any],
+    *,
+    keep_aliases: bool = True,
+    copy: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """CPU tensors that safetensors accepts, plus `{name: earlier_name}` for tied entries.
 
     Entries that are the very same view of the same memory become aliases (when `keep_aliases`), other
-    overlapping or non-contiguous tensors are copied. Example::
+    overlapping or non-contiguous tensors are copied. With `copy(name, tensor)`, every tensor is taken
+    through it (a snapshot into buffers of its own) instead of moved to the CPU. Example::
 
         tensors, aliases = to_safetensors(model.state_dict())
     """
@@ -62,6 +64,9 @@ def to_safetensors(
         shared = storage in storages
         views.setdefault(key, name)
         storages.add(storage)
+        if copy is not None:
+            tensors[name] = copy(name, t)
+            continue
         t = t.to("cpu")
         tensors[name] = t.clone() if shared else t.contiguous()
     return tensors, aliases
@@ -90,58 +95,7 @@ def write_tensors(
         save_file(tensors, str(path), metadata=meta)
 
 
-def read_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file written by `write_tensors` (tied entries restored as shared tensors).
-
-    Errors name the file when it is missing or damaged. Example::
-
-        state = read_tensors(directory / "model_0.safetensors", device="cpu")
-    """
-    if not path.is_file():
-        raise CheckpointCorruptError(f"checkpoint file {str(path)!r} is missing.")
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointCorruptError(f"cannot read the safetensors file {str(path)!r}: {e}") from e
-    for name, source in json.loads(meta.get(ALIASES_KEY, "{}")).items():
-        tensors[name] = tensors[source]
-    return tensors
-
-
 def unwrapped(runtime: Runtime, model: torch.nn.Module) -> torch.nn.Module:
     """The user's module inside the strategy's wrapper (and torch.compile's)."""
     inner = runtime.strategy_module.unwrap_model(model)
     return getattr(inner, "_orig_mod", inner)  # type: ignore[no-any-return]
-
-
-def save_torch_file(obj: Any, path: Path) -> None:
-    """`torch.save` inside a checkpoint, without the zip container's own CRC-32: the manifest already
-    checksums every file, and computing both halves the speed of large saves."""
-    try:
-        from torch.utils.serialization import config
-    except ImportError:  # torch < 2.5
-        torch.save(obj, path)
-        return
-    with config.patch({"save.compute_crc32": False}):  # type: ignore[attr-defined]
-        torch.save(obj, path)
-
-
-def load_torch_file(path: Path, device: torch.device | str, *, weights_only: bool) -> Any:
-    """`torch.load` with errors that name the file and, for refused objects, the opt-in."""
-    if not path.is_file():
-        raise CheckpointCorruptError(f"checkpoint file {str(path)!r} is missing.")
-    try:
-        return torch.load(path, map_location=device, weights_only=weights_only)
-    except pickle.UnpicklingError as e:
-        refused = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
-        if not (weights_only and refused):
-            raise CheckpointCorruptError(f"cannot read {str(path)!r}: {e}") from e
-        raise CheckpointCorruptError(
-            f"{str(path)!r} holds objects that safe loading (weights_only=True) refuses ({refused[0][:200]}). "
-            "If you trust this checkpoint, load it with load_state(..., weights_only=False), which runs "
-            "pickled code; or keep such state to tensors and plain Python values."
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointCorruptError(f"cannot read {str(path)!r}: {e}") from e

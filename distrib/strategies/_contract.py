@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -20,6 +19,8 @@ if TYPE_CHECKING:
     from .._precision import PrecisionPlan
     from .._runtime import Runtime
     from .._settings import Settings
+    from ..checkpointing._reader import CheckpointReader
+    from ..checkpointing._writer import CheckpointWriter
 
 
 class Strategy(Protocol):
@@ -74,8 +75,11 @@ class Strategy(Protocol):
         ...
 
     # -- checkpoints (every rank calls them) --------------------------------------------------------
-    def save_training_state(self, runtime: Runtime, directory: Path) -> None: ...
-    def load_training_state(self, runtime: Runtime, directory: Path) -> None: ...
+    def save_training_state(self, runtime: Runtime, writer: CheckpointWriter) -> None:
+        """Write every prepared model and optimizer through `writer` (checksummed, verified, snapshotted)."""
+        ...
+
+    def load_training_state(self, runtime: Runtime, reader: CheckpointReader) -> None: ...
     def full_state_dict(self, runtime: Runtime, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The unsharded, unwrapped state dict on rank 0 (None elsewhere is allowed)."""
         ...

@@ -1,8 +1,7 @@
-"""The prepared optimizer of a DeepSpeed engine, and DeepSpeed checkpoints.
+"""The prepared optimizer of a DeepSpeed engine, and the full state dict of a DeepSpeed model.
 
-Checkpoints are DeepSpeed's own (`engine.save_checkpoint` / `load_checkpoint`, tag `engine_{i}`): every
-rank writes its ZeRO partition, so a checkpoint loads only at the number of processes that wrote it
-(`CHECKPOINT_WORLD_SIZE_DEPENDENT`). `full_state_dict` gathers the whole model on rank 0: under ZeRO-3
+Checkpoints are DeepSpeed's own layout written through distrib's I/O (see `_deepspeed_checkpoint.py`,
+re-exported here for the strategy module). `full_state_dict` gathers the whole model on rank 0: under ZeRO-3
 in the training dtype (`DeepSpeedOptions.save_16bit_model=True`, the default) or as the fp32 master
 weights (`False`); under ZeRO 0-2 the module already holds every weight.
 """
@@ -10,19 +9,29 @@ weights (`False`); under ZeRO 0-2 the module already holds every weight.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .._optim import PreparedOptimizer
-from ..errors import CheckpointError, TrainingError
+from ..errors import TrainingError
+from ._deepspeed_checkpoint import (
+    CHECKPOINT_WORLD_SIZE_DEPENDENT,
+    load_training_state,
+    save_training_state,
+)
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
 
-CHECKPOINT_WORLD_SIZE_DEPENDENT = True
+__all__ = [
+    "CHECKPOINT_WORLD_SIZE_DEPENDENT",
+    "EngineOptimizer",
+    "full_state_dict",
+    "load_training_state",
+    "save_training_state",
+]
 
 
 class EngineOptimizer(PreparedOptimizer):
@@ -62,28 +71,6 @@ class EngineOptimizer(PreparedOptimizer):
 
 def _engines(runtime: Runtime) -> list[Any]:
     return list(getattr(runtime.state.strategy_state, "engines", []))
-
-
-def save_training_state(runtime: Runtime, directory: Path) -> None:
-    """Every rank writes its ZeRO partitions of each engine's model and optimizer into `directory`."""
-    for i, engine in enumerate(_engines(runtime)):
-        engine.save_checkpoint(str(directory), tag=f"engine_{i}", save_latest=False)
-
-
-def load_training_state(runtime: Runtime, directory: Path) -> None:
-    """Load what `save_training_state` wrote (same number of processes and ZeRO stage)."""
-    for i, engine in enumerate(_engines(runtime)):
-        tag = f"engine_{i}"
-        if not (Path(directory) / tag).is_dir():
-            raise CheckpointError(f"{str(directory)!r} holds no DeepSpeed checkpoint {tag!r}.")
-        path, _ = engine.load_checkpoint(
-            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise CheckpointError(
-                f"DeepSpeed could not load {tag!r} from {str(directory)!r}; a DeepSpeed checkpoint loads "
-                "only with the number of processes and ZeRO stage that saved it."
-            )
 
 
 def _engine_of(runtime: Runtime, model: nn.Module) -> Any:

@@ -3,29 +3,24 @@
 Rank 0 writes each prepared model's unwrapped state dict as `model_{i}.safetensors` and each optimizer's
 state dict as `optimizer_{i}.pt` (readable with `torch.load(weights_only=True)`); every rank reads them
 back onto its own device. Nothing depends on the number of processes, so a checkpoint loads on any.
-Files are written plainly: `save_state` writes into a temporary directory, fsyncs every file and renames
-the directory into place only once it is complete.
+The weights are read straight into the prepared parameters (CPU) or through one staging copy (other
+devices), checked against the manifest while they are read.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..checkpointing._tensors import (
-    load_torch_file,
-    read_tensors,
-    save_torch_file,
-    unwrapped,
-    write_tensors,
-)
+from ..checkpointing._tensors import unwrapped
 from ..errors import CheckpointCorruptError, CheckpointMismatchError
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
+    from ..checkpointing._reader import CheckpointReader
+    from ..checkpointing._writer import CheckpointWriter
 
 #: Whether a checkpoint must be loaded with the world size it was saved with.
 CHECKPOINT_WORLD_SIZE_DEPENDENT = False
@@ -36,33 +31,32 @@ def full_state_dict(runtime: Runtime, model: torch.nn.Module) -> dict[str, torch
     return dict(unwrapped(runtime, model).state_dict())
 
 
-def save_training_state(runtime: Runtime, directory: Path) -> None:
+def save_training_state(runtime: Runtime, writer: CheckpointWriter) -> None:
     """Rank 0 writes `model_{i}.safetensors` and `optimizer_{i}.pt` for every prepared object."""
     if runtime.rank != 0:
         return
     for i, model in enumerate(runtime.state.models):
-        write_tensors(directory / f"model_{i}.safetensors", full_state_dict(runtime, model))
+        writer.tensors(f"model_{i}.safetensors", full_state_dict(runtime, model))
     for i, optimizer in enumerate(runtime.state.optimizers):
-        save_torch_file(optimizer.state_dict(), directory / f"optimizer_{i}.pt")
+        writer.torch_object(f"optimizer_{i}.pt", optimizer.state_dict())
 
 
-def load_training_state(runtime: Runtime, directory: Path) -> None:
+def load_training_state(runtime: Runtime, reader: CheckpointReader) -> None:
     """Load every model and optimizer saved by `save_training_state` onto this rank's device."""
     state = runtime.state
-    check_count(directory, "model", "safetensors", len(state.models))
-    check_count(directory, "optimizer", "pt", len(state.optimizers))
+    check_count(reader, "model", "safetensors", len(state.models))
+    check_count(reader, "optimizer", "pt", len(state.optimizers))
     for i, model in enumerate(state.models):
-        path = directory / f"model_{i}.safetensors"
-        load_model_state(unwrapped(runtime, model), read_tensors(path, runtime.device), path.name, i)
+        load_model_file(reader, f"model_{i}.safetensors", unwrapped(runtime, model), i)
     for i, optimizer in enumerate(state.optimizers):
-        path = directory / f"optimizer_{i}.pt"
-        optimizer.load_state_dict(load_torch_file(path, runtime.device, weights_only=True))
+        optimizer.load_state_dict(reader.torch_object(f"optimizer_{i}.pt", runtime.device))
 
 
-def check_count(directory: Path, kind: str, suffix: str, expected: int) -> None:
-    """Raise `CheckpointMismatchError` unless the directory holds `expected` files `{kind}_{i}.{suffix}`."""
+def check_count(reader: CheckpointReader, kind: str, suffix: str, expected: int) -> None:
+    """Raise `CheckpointMismatchError` unless the manifest lists `expected` files `{kind}_{i}.{suffix}`."""
     pattern = re.compile(rf"{kind}_(\d+)\.{suffix}")
-    found = sorted(int(m.group(1)) for p in directory.iterdir() if (m := pattern.fullmatch(p.name)))
+    found = sorted(int(m.group(1)) for name in reader.names() if (m := pattern.fullmatch(name)))
+    directory = reader.directory
     if len(found) != expected:
         raise CheckpointMismatchError(
             f"the checkpoint {str(directory)!r} holds {len(found)} {kind}(s), but this run prepared "
@@ -75,15 +69,63 @@ def check_count(directory: Path, kind: str, suffix: str, expected: int) -> None:
         )
 
 
+def load_model_file(reader: CheckpointReader, name: str, model: torch.nn.Module, index: int) -> None:
+    """Load a model's safetensors file into `model`: keys and shapes are checked from the file's header
+    before any byte is read, then the bytes go straight into the parameters where they fit."""
+    from ..checkpointing._stfile import SafetensorsFile
+
+    expected = model.state_dict()
+    header = SafetensorsFile(reader.path(name), reader.files[name]["size"])
+    shapes = {k: e.shape for k, e in header.entries.items()}
+    aliases = _aliases(header.metadata)
+    shapes.update({alias: shapes[source] for alias, source in aliases.items() if source in shapes})
+    check_model_keys(model, shapes, name, index)
+    tensors = reader.tensors(name, destinations=expected)
+    _copy_rest(expected, tensors)
+
+
+def _aliases(metadata: dict[str, str]) -> dict[str, str]:
+    import json
+
+    from ..checkpointing._tensors import ALIASES_KEY
+
+    try:
+        value = json.loads(metadata.get(ALIASES_KEY, "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _copy_rest(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy into the model what could not be read straight into it (other devices, dtypes, layouts)."""
+    with torch.no_grad():
+        for key, target in expected.items():
+            value = tensors[key]
+            if value is not target and not _same_memory(value, target):
+                target.copy_(value, non_blocking=value.device.type == "cpu" and target.device.type == "cuda")
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+
+
 def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], name: str, index: int) -> None:
     """`model.load_state_dict(tensors)` with an error that lists missing, unexpected and reshaped keys."""
+    check_model_keys(model, {k: tuple(v.shape) for k, v in tensors.items()}, name, index)
+    model.load_state_dict(tensors)
+
+
+def check_model_keys(
+    model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], name: str, index: int
+) -> None:
+    """Raise `CheckpointMismatchError` listing missing, unexpected and reshaped keys."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
     reshaped = [
-        f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        f"{k} {tuple(shapes[k])} vs {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
+        if k in shapes and tuple(shapes[k]) != tuple(v.shape)
     ]
     if missing or unexpected or reshaped:
         parts = [
@@ -99,4 +141,3 @@ def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], n
             f"{name} does not match model #{index} ({type(model).__name__}): {'; '.join(parts)}. Load it "
             "into the same architecture that saved it."
         )
-    model.load_state_dict(tensors)

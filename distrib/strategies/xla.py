@@ -16,14 +16,13 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .._optim import PreparedOptimizer
-from ..errors import SettingsError, missing_extra
+from ..errors import CheckpointMismatchError, SettingsError, missing_extra
 from . import _defaults
 from ._defaults import backward as backward
 from ._defaults import check_model as check_model
@@ -37,6 +36,8 @@ if TYPE_CHECKING:
     from .._environment import ProcessEnvironment
     from .._runtime import Runtime
     from .._settings import Settings
+    from ..checkpointing._reader import CheckpointReader
+    from ..checkpointing._writer import CheckpointWriter
 
 NAME = "xla"
 CHECKPOINT_WORLD_SIZE_DEPENDENT = False
@@ -180,20 +181,43 @@ def clip_grad_norm_(
     return _defaults.clip_grad_norm_(runtime, parameters, max_norm, norm_type)
 
 
-def save_training_state(runtime: Runtime, directory: Path) -> None:
-    """Replicas are identical: rank 0 writes one copy of the models' and optimizers' state."""
+def save_training_state(runtime: Runtime, writer: CheckpointWriter) -> None:
+    """Replicas are identical: rank 0 writes one copy of the models' and optimizers' state (on the CPU)."""
+    if runtime.rank != 0:
+        return
     state = {
         "models": [m.state_dict() for m in runtime.state.models],
         "optimizers": [o.state_dict() for o in runtime.state.optimizers],
     }
-    _xm().save(state, str(Path(directory) / _STATE_FILE), master_only=True)
+    writer.torch_object(_STATE_FILE, _to_cpu(state))
 
 
-def load_training_state(runtime: Runtime, directory: Path) -> None:
-    state = torch.load(Path(directory) / _STATE_FILE, map_location="cpu", weights_only=True)
-    for model, saved in zip(runtime.state.models, state["models"]):
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return type(value)((k, _to_cpu(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def load_training_state(runtime: Runtime, reader: CheckpointReader) -> None:
+    """Load every model and optimizer; the checkpoint must hold exactly as many of each as this run."""
+    state = reader.torch_object(_STATE_FILE, "cpu")
+    models, optimizers = state.get("models", []), state.get("optimizers", [])
+    for kind, saved, prepared in (
+        ("model", models, runtime.state.models),
+        ("optimizer", optimizers, runtime.state.optimizers),
+    ):
+        if len(saved) != len(prepared):
+            raise CheckpointMismatchError(
+                f"{str(reader.directory / _STATE_FILE)!r} holds {len(saved)} {kind}(s), but this run prepared "
+                f"{len(prepared)}; prepare() the same {kind}s, in the same order, as the run that saved it."
+            )
+    for model, saved in zip(runtime.state.models, models):
         model.load_state_dict(saved)
-    for optimizer, saved in zip(runtime.state.optimizers, state["optimizers"]):
+    for optimizer, saved in zip(runtime.state.optimizers, optimizers):
         optimizer.load_state_dict(saved)
 
 

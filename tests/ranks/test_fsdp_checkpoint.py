@@ -15,6 +15,7 @@ from distrib import distributed, load_state, prepare, save_model, save_state
 from distrib.errors import CheckpointError, DistribWarning
 from distrib.strategies import fsdp
 from distrib.testing import run_ranks
+from tests._support.checkpoints import load_direct, save_direct
 from tests._support.models import TinyNet, make_loader, make_model, max_difference, run_loop
 
 PROBE = torch.linspace(-1, 1, 16).reshape(2, 8)
@@ -34,7 +35,7 @@ def _checkpoint_worker(root: str) -> dict[str, Any]:
         with distributed(strategy="fsdp") as ctx:
             model, optimizer, loader = _fresh(0)
             run_loop(model, optimizer, loader)
-            fsdp.save_training_state(ctx, directory)
+            save_direct(ctx, directory)
             save_state(Path(root) / "state")
             save_model(model, Path(root) / "model")
             out["saved"] = fsdp.full_state_dict(ctx, model)
@@ -47,7 +48,7 @@ def _checkpoint_worker(root: str) -> dict[str, Any]:
             out["plain_output_difference"] = (plain(PROBE) - output).abs().max().item()
         with distributed(strategy="fsdp") as ctx:
             model, optimizer, loader = _fresh(5)  # different weights, empty optimizer state
-            fsdp.load_training_state(ctx, directory)
+            load_direct(ctx, directory)
             out["loaded"] = fsdp.full_state_dict(ctx, model)
             run_loop(model, optimizer, loader)
             out["resumed"] = fsdp.full_state_dict(ctx, model)
@@ -80,7 +81,7 @@ def test_sharded_checkpoint_resumes_on_two_processes_and_on_one(tmp_path: Path):
         with distributed(strategy="fsdp") as ctx:
             model, optimizer, loader = _fresh(5, batch_size=4)  # the same global batch as 2 x 2
             if resume == "direct":
-                fsdp.load_training_state(ctx, tmp_path / "direct")
+                load_direct(ctx, tmp_path / "direct")
             else:
                 with pytest.warns(DistribWarning, match="saved by 2 processes into 1"):
                     load_state(tmp_path / "state")
@@ -92,8 +93,8 @@ def test_sharded_checkpoint_resumes_on_two_processes_and_on_one(tmp_path: Path):
 def test_loading_a_checkpoint_of_other_models_is_a_checkpoint_error(tmp_path: Path):
     with distributed(strategy="fsdp") as ctx:
         _fresh(0)
-        fsdp.save_training_state(ctx, tmp_path)
+        save_direct(ctx, tmp_path)
     with distributed(strategy="fsdp") as ctx:
         prepare(torch.nn.Linear(3, 3))
         with pytest.raises(CheckpointError, match="same models and optimizers"):
-            fsdp.load_training_state(ctx, tmp_path)
+            load_direct(ctx, tmp_path)

@@ -100,10 +100,11 @@ def test_project_layout_names_and_manifest(run: Runtime, tmp_path: Path) -> None
     manifest = json.loads((path / "manifest.json").read_text())
     assert (manifest["step"], manifest["world_size"], manifest["strategy"]) == (120, 1, "single")
     assert {"distrib_version", "torch_version", "time", "contents"} <= set(manifest)
-    assert manifest["checksum"] == "crc32"
+    assert manifest["checksum"] == "crc32c"
+    assert manifest["save_counter"] == 2  # the third save into this folder
     for name, entry in manifest["files"].items():
         assert (path / name).stat().st_size == entry["size"]
-        assert len(entry[manifest["checksum"]]) == 8  # crc32, hex
+        assert entry["crc32c"] == checksum(path / name, "crc32c")  # computed while writing, as read back
     assert load_state("latest") == path
 
 
@@ -287,6 +288,9 @@ def test_checksums_match_the_standard_implementations(tmp_path: Path) -> None:
     path.write_bytes(data)
     assert checksum(path, "crc32") == f"{zlib.crc32(data):08x}"
     assert checksum(path, "sha256") == hashlib.sha256(data).hexdigest()
+    check = tmp_path / "check"
+    check.write_bytes(b"123456789")
+    assert checksum(check, "crc32c") == "e3069283"  # the CRC-32C check value (RFC 3720)
 
 
 def test_parse_size() -> None:

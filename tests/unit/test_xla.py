@@ -13,9 +13,10 @@ import torch
 
 from distrib import Settings, XLAOptions, accumulate, distributed, prepare
 from distrib._environment import launcher_settings
-from distrib.errors import SettingsError
+from distrib.errors import CheckpointMismatchError, SettingsError
 from distrib.strategies import xla
 from distrib.strategies._xla_loader import XLADeviceLoader
+from tests._support.checkpoints import load_direct, save_direct
 from tests._support.models import make_loader, make_model, max_difference, run_loop
 
 HAS_TORCH_XLA = importlib.util.find_spec("torch_xla") is not None
@@ -135,11 +136,54 @@ def test_checkpoint_round_trip_on_an_xla_device(tmp_path: Path):
             model, torch.optim.AdamW(model.parameters(), lr=0.01), make_loader()
         )
         run_loop(model, optimizer, loader)
-        xla.save_training_state(ctx, tmp_path)
+        save_direct(ctx, tmp_path)
         saved = xla.full_state_dict(ctx, model)
     with distributed(strategy="xla") as ctx:
         model = make_model(5)
         model, optimizer = prepare(model, torch.optim.AdamW(model.parameters(), lr=0.01))
-        xla.load_training_state(ctx, tmp_path)
+        load_direct(ctx, tmp_path)
         assert saved is not None and max_difference(xla.full_state_dict(ctx, model), saved) == 0.0
         assert len(optimizer.state_dict()["state"]) == len(list(model.parameters()))
+
+
+def test_xla_checkpoint_with_another_number_of_models_is_refused(tmp_path: Path):
+    """The XLA checkpoint functions (no device needed: they only read the prepared objects) refuse a file
+    with fewer models or optimizers than the run, instead of loading part of it."""
+    with distributed(cpu=True) as ctx:
+        first, second = make_model(1), make_model(2)
+        prepare(first, torch.optim.SGD(first.parameters(), lr=0.1), second)
+        xla.save_training_state(ctx, writer := _writer(ctx, tmp_path))
+        writer.finish()
+        _manifest(ctx, tmp_path, writer)
+    with distributed(cpu=True) as ctx:
+        model = make_model(3)
+        prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        with pytest.raises(CheckpointMismatchError, match=r"holds 2 model\(s\), but this run prepared 1"):
+            xla.load_training_state(ctx, _reader(tmp_path))
+    with distributed(cpu=True) as ctx:
+        models = [make_model(i) for i in range(3)]
+        prepare(models[0], torch.optim.SGD(models[0].parameters(), lr=0.1), models[1], models[2])
+        before = {k: v.clone() for k, v in models[0].state_dict().items()}
+        with pytest.raises(CheckpointMismatchError, match=r"holds 2 model\(s\), but this run prepared 3"):
+            xla.load_training_state(ctx, _reader(tmp_path))
+    assert all(torch.equal(v, before[k]) for k, v in models[0].state_dict().items()), "nothing loaded"
+
+
+def _writer(ctx: Any, directory: Path) -> Any:
+    from distrib.checkpointing._writer import CheckpointWriter
+
+    return CheckpointWriter(directory, ctx.rank)
+
+
+def _manifest(ctx: Any, directory: Path, writer: Any) -> None:
+    from distrib.checkpointing._manifest import build, write_manifest
+
+    meta = {"world_size": 1, "step": 0, "strategy": "xla"}
+    write_manifest(directory, build(meta, writer.ledger.entries(), 0))
+
+
+def _reader(directory: Path) -> Any:
+    from distrib.checkpointing._manifest import read_manifest
+    from distrib.checkpointing._reader import CheckpointReader
+
+    return CheckpointReader(directory, read_manifest(directory))
