@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import CheckpointError, DeviceMapError, DistribWarning
 from ._checkpoint import Checkpoint, Shard, open_checkpoint
-from ._device_map import STRATEGIES, NoSplit, infer_auto_device_map
+from ._device_map import STRATEGIES, NoSplitClasses, infer_auto_device_map
 from ._dispatch import dispatch_model
 from ._memory import Device, get_max_memory, normalize_device, to_dtype, torch_device
 from ._offload import OffloadFolder
@@ -213,7 +213,7 @@ def load_checkpoint_and_dispatch(
     checkpoint: str | os.PathLike[str],
     device_map: str | Mapping[str, object] | None = "auto",
     max_memory: Mapping[object, int | str] | None = None,
-    no_split_module_classes: NoSplit | None = None,
+    no_split_module_classes: NoSplitClasses | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
     dtype: torch.dtype | str | None = None,
     *,
