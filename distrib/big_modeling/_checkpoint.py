@@ -45,6 +45,11 @@ class Shard:
     def is_safetensors(self) -> bool:
         return self.path.suffix == ".safetensors"
 
+    @property
+    def is_mapped(self) -> bool:
+        """True when tensors read from this file are views of a memory map (not copies in RAM)."""
+        return self.is_safetensors or zipfile.is_zipfile(self.path)
+
     def list_keys(self) -> list[str]:
         if self.keys is not None:
             return list(self.keys)
