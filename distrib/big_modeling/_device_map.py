@@ -22,6 +22,7 @@ The rules, in the order they apply:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -29,7 +30,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from ..errors import DeviceMapError
+from ..errors import DeviceMapError, DistribWarning
 from ._memory import Device, compute_module_sizes, format_size, get_max_memory, to_dtype
 from ._placement import DeviceMap, flatten_device_map, tied_parameter_names
 from ._planner import NoSplit, NotEnoughMemory, Planner, Slot, layers, not_enough_memory
@@ -97,11 +98,6 @@ def _tensor_sizes(
     return sizes
 
 
-def main_device(memory: Mapping[Device, int]) -> Device:
-    """The device offloaded layers run on: the first GPU or accelerator in the budget, else the CPU."""
-    return next((device for device in memory if device not in _STREAMED and memory[device] > 0), "cpu")
-
-
 def _budget_text(memory: Mapping[Device, int]) -> str:
     return ", ".join(f"{device!r}: {format_size(size)}" for device, size in memory.items())
 
@@ -126,7 +122,8 @@ def _required_reserves(
     info: _Model, device_map: DeviceMap, memory: Mapping[Device, int], offload_buffers: bool
 ) -> dict[Device, int]:
     """The room each device must keep for the layers ``device_map`` streams through it."""
-    main = main_device(memory)
+    used = set(device_map.values())
+    main = next((device for device in memory if device not in _STREAMED and device in used), "cpu")
     streamed = ("disk",) if main == "cpu" else _STREAMED
     offloaded = [name for name, device in device_map.items() if device in streamed]
     need: dict[Device, int] = {}
@@ -155,9 +152,26 @@ def _plan_with_reserves(
             raise not_enough_memory(info.sizes[""], error.placed, _budget_text(memory)) from None
         need = _required_reserves(info, device_map, memory, offload_buffers)
         if all(size <= reserves.get(device, 0) for device, size in need.items()):
+            _warn_if_over_budget(need, memory)
             return device_map
         for device, size in need.items():
             reserves[device] = max(reserves.get(device, 0), size)
+
+
+def _warn_if_over_budget(need: Mapping[Device, int], memory: Mapping[Device, int]) -> None:
+    over = {device: size for device, size in need.items() if device in memory and size > memory[device]}
+    if over:
+        details = ", ".join(
+            f"{device!r} needs {format_size(size)} for its largest streamed layer but max_memory gives it "
+            f"{format_size(memory[device])}"
+            for device, size in over.items()
+        )
+        warnings.warn(
+            f"the plan streams layers larger than their device's budget ({details}); running the model will "
+            "use that much anyway. Raise max_memory, or split those layers (no_split_module_classes)",
+            DistribWarning,
+            stacklevel=4,
+        )
 
 
 def _gpus(memory: Mapping[Device, int]) -> list[Device]:

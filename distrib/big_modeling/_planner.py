@@ -156,9 +156,10 @@ class Planner:
             elif can_split:
                 assert module is not None
                 queue.extendleft(reversed(children(name, module)))
-            elif not (self.fallback and self.fill_empty_slot(queue)):
-                self.next_device()
-                queue.appendleft((name, module))
+            else:
+                if not (self.fallback and self.fill_empty_slot(queue)):
+                    self.next_device()
+                queue.appendleft((name, module))  # try it again, on this device or the next
         return self.device_map
 
     def fill_empty_slot(self, queue: deque[Item]) -> bool:
