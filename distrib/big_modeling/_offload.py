@@ -74,11 +74,14 @@ class OffloadFolder:
 
     def link(self, name: str, checkpoint_file: Path, key: str, dtype: torch.dtype, shape: torch.Size) -> None:
         """Record that ``name`` is tensor ``key`` of the safetensors ``checkpoint_file``: nothing is copied."""
+        stat = checkpoint_file.stat()
         self._index[name] = {
             "dtype": str(dtype).removeprefix("torch."),
             "shape": list(shape),
             "safetensors_file": str(Path(checkpoint_file).resolve()),
             "key": key,
+            "file_size": stat.st_size,
+            "file_mtime_ns": stat.st_mtime_ns,
         }
         stale = self._file(name)
         if stale.exists():
@@ -118,6 +121,7 @@ class OffloadFolder:
         path, key = self._where(name)
         if key is None:
             return path, Extent(0, dtype.itemsize * _numel(shape), dtype, shape)
+        _check_unchanged(path, entry, self.path)
         header = self._headers.get(path)
         if header is None:
             header = self._headers[path] = read_header(path)
@@ -134,6 +138,19 @@ class OffloadFolder:
         tmp = self.path / f".{INDEX_NAME}.tmp"
         tmp.write_text(json.dumps(self._index, indent=1, sort_keys=True))
         tmp.replace(self.path / INDEX_NAME)
+
+
+def _check_unchanged(path: Path, entry: dict[str, object], folder: Path) -> None:
+    """A linked checkpoint file must be the one that was linked: a rewritten file would feed wrong weights."""
+    if "file_size" not in entry:
+        return
+    stat = path.stat()
+    if stat.st_size != entry["file_size"] or stat.st_mtime_ns != entry.get("file_mtime_ns"):
+        raise CheckpointError(
+            f"checkpoint file {path} changed after the model was loaded from it (offload folder {folder}); "
+            "its offloaded layers would be read from the new contents. Load the model again "
+            "(load_checkpoint_and_dispatch), and do not overwrite a checkpoint while a model reads from it"
+        )
 
 
 def _numel(shape: tuple[int, ...]) -> int:

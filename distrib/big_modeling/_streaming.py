@@ -123,6 +123,7 @@ class Streamer:
         self.last: Unit | None = None
         self.pending: _Pending | None = None
         self.prefetch = any(unit.reads_files for unit in units)
+        self.hits = 0  # layers whose weights a prefetch had ready (for tests and diagnostics)
 
     def enter(self, unit: Unit) -> None:
         if self.last is not None and self.last is not unit:
@@ -142,7 +143,10 @@ class Streamer:
         if pending is None or pending.unit is not unit:
             return None  # a wrong guess is dropped; its maps go when its thread ends
         pending.thread.join()
-        return pending.result[0] if pending.result else None  # a failed prefetch: load again, and raise
+        if not pending.result:
+            return None  # a failed prefetch: load again, and raise there
+        self.hits += 1
+        return pending.result[0]
 
     def _start(self, unit: Unit) -> None:
         result: list[list[torch.Tensor]] = []
