@@ -288,7 +288,7 @@ def test_a_legacy_bin_checkpoint_loads_without_mmap_and_without_unpickling(hf, t
     model = load_checkpoint_and_dispatch(empty("gpt2"), tmp_path, device_map={"": "cpu"})
     assert torch.equal(generate(model, hf["ids"]), hf["expected"]["gpt2"])
     torch.save({"weight": Reader()}, tmp_path / "evil.bin", _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match="cannot read .* as a torch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"cannot read .* as a torch checkpoint"):
         load_checkpoint_in_model(nn.Linear(8, 8), tmp_path / "evil.bin")
 
 
