@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -176,7 +177,7 @@ def _generate(model: nn.Module, ids: torch.Tensor, tokens: int) -> tuple[float, 
             do_sample=False,
             stopping_criteria=transformers.StoppingCriteriaList([Clock()]),
         )
-    steps = [later - earlier for earlier, later in zip(times, times[1:])]
+    steps = [later - earlier for earlier, later in itertools.pairwise(times)]
     return times[0] - start, steps, out[0].tolist()
 
 
@@ -184,7 +185,7 @@ def measure(
     variant: str, checkpoint: Path, layers: int, quick: bool, budget: int, offload: Path, tokens: int
 ) -> dict[str, Any]:
     """Load, generate twice, and report times, peak RSS growth and the generated tokens."""
-    import transformers  # noqa: F401  (imports are not part of the load time)
+    import transformers
 
     if variant.startswith("distrib"):
         import distrib.big_modeling  # noqa: F401

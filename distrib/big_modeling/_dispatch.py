@@ -262,7 +262,7 @@ def dispatch_model(
 
     Tensors on GPUs stay there; tensors mapped to "cpu" (with a GPU main device) or "disk" are
     offloaded and streamed to ``main_device`` right before their layer runs, then dropped; the next
-    layer's weights are read ahead in a background thread. Disk tensors are written to ``offload_dir``
+    layer's pages are read ahead (asynchronously, by the kernel). Disk tensors are written to ``offload_dir``
     (or, if the module holds only meta tensors, read from an ``offload_dir`` written by an earlier run,
     which may link straight into safetensors checkpoint files). ``main_device`` defaults to the lowest
     GPU in the map, else the CPU; outputs are returned there.

@@ -38,6 +38,8 @@ class OffloadFolder:
         index_file = self.path / INDEX_NAME
         self._index: dict[str, dict[str, object]] = {}
         self._headers: dict[Path, dict[str, Extent]] = {}
+        self._extents: dict[str, tuple[Path, Extent]] = {}  # resolved once: streaming reads them every step
+        self._linked: dict[Path, tuple[object, object]] = {}  # checkpoint file -> (size, mtime) when linked
         if index_file.exists():
             try:
                 self._index = json.loads(index_file.read_text())
@@ -71,6 +73,7 @@ class OffloadFolder:
         value.reshape(-1).view(torch.uint8).numpy().tofile(tmp)
         tmp.replace(file)  # a new file: tensors mapped from the old one stay valid
         self._index[name] = {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)}
+        self._extents.pop(name, None)
 
     def link(self, name: str, checkpoint_file: Path, key: str, dtype: torch.dtype, shape: torch.Size) -> None:
         """Record that ``name`` is tensor ``key`` of the safetensors ``checkpoint_file``: nothing is copied."""
@@ -83,6 +86,7 @@ class OffloadFolder:
             "file_size": stat.st_size,
             "file_mtime_ns": stat.st_mtime_ns,
         }
+        self._extents.pop(name, None)
         stale = self._file(name)
         if stale.exists():
             stale.unlink()  # a copy left by an earlier run
@@ -100,10 +104,14 @@ class OffloadFolder:
         """Several stored tensors, with one memory map per file they lie in."""
         by_file: dict[Path, list[tuple[int, Extent]]] = {}
         for position, name in enumerate(names):
-            path, extent = self._extent(name)
-            by_file.setdefault(path, []).append((position, extent))
+            found = self._extents.get(name)
+            if found is None:
+                found = self._extents[name] = self._extent(name)
+            by_file.setdefault(found[0], []).append((position, found[1]))
         tensors: list[torch.Tensor | None] = [None] * len(names)
         for path, items in by_file.items():
+            if path in self._linked:
+                _check_unchanged(path, self._linked[path], self.path)
             for (position, _), tensor in zip(items, map_tensors(path, [e for _, e in items])):
                 tensors[position] = tensor
         return tensors  # type: ignore[return-value]
@@ -121,7 +129,9 @@ class OffloadFolder:
         path, key = self._where(name)
         if key is None:
             return path, Extent(0, dtype.itemsize * _numel(shape), dtype, shape)
-        _check_unchanged(path, entry, self.path)
+        if "file_size" in entry:
+            self._linked[path] = (entry["file_size"], entry.get("file_mtime_ns"))
+            _check_unchanged(path, self._linked[path], self.path)
         header = self._headers.get(path)
         if header is None:
             header = self._headers[path] = read_header(path)
@@ -140,12 +150,15 @@ class OffloadFolder:
         tmp.replace(self.path / INDEX_NAME)
 
 
-def _check_unchanged(path: Path, entry: dict[str, object], folder: Path) -> None:
+def _check_unchanged(path: Path, recorded: tuple[object, object], folder: Path) -> None:
     """A linked checkpoint file must be the one that was linked: a rewritten file would feed wrong weights."""
-    if "file_size" not in entry:
-        return
-    stat = path.stat()
-    if stat.st_size != entry["file_size"] or stat.st_mtime_ns != entry.get("file_mtime_ns"):
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint file {path} is gone (offload folder {folder}): {exc}; load the model again"
+        ) from exc
+    if (stat.st_size, stat.st_mtime_ns) != recorded:
         raise CheckpointError(
             f"checkpoint file {path} changed after the model was loaded from it (offload folder {folder}); "
             "its offloaded layers would be read from the new contents. Load the model again "

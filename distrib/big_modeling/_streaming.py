@@ -8,22 +8,23 @@ offload with a GPU main device) or an offload-folder entry, read as a zero-copy 
 file or of the checkpoint's own safetensors shard.
 
 The `Streamer` of a dispatched model remembers which layer ran after which (the first pass follows
-model order) and, when a layer starts, maps and reads the predicted next layer's pages in a background
-thread, so the disk and the page-table work overlap the current layer's compute. At most two layers are
-loaded at once: the running one and the prefetched one.
+model order) and, when a layer starts, maps the predicted next layer and asks the kernel to read its
+pages ahead (``MADV_WILLNEED``: asynchronous, so the disk reads overlap the current layer's compute).
+No thread: one that ran Python beside the model would compete with it for the GIL, which measured
+slower than reading nothing ahead. At most two layers are mapped at once, the running one and the next;
+the next one's pages join the process's memory only as it runs.
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from ._mapped import populate
+from ._mapped import read_ahead_pages
 from ._offload import OffloadFolder
 from ._placement import TensorSlot
 
@@ -71,7 +72,7 @@ class Unit:
     def reads_files(self) -> bool:
         return any(isinstance(item.source, FolderSource) for item in self.items)
 
-    def fetch(self, *, prefetch: bool) -> list[torch.Tensor]:
+    def fetch(self, *, read_ahead: bool) -> list[torch.Tensor]:
         """The items' data on the host: RAM tensors as they are, folder tensors as fresh memory maps."""
         host: list[torch.Tensor | None] = [None] * len(self.items)
         by_folder: dict[int, tuple[OffloadFolder, list[int]]] = {}
@@ -84,9 +85,10 @@ class Unit:
                 host[position] = source.tensor
         for folder, positions in by_folder.values():
             names = [self.items[p].source.name for p in positions]  # type: ignore[attr-defined]
-            for position, tensor in zip(positions, folder.load_many(names)):
-                if prefetch:
-                    populate(tensor)
+            tensors = folder.load_many(names)
+            if read_ahead:
+                read_ahead_pages(tensors)
+            for position, tensor in zip(positions, tensors):
                 host[position] = tensor
         return host  # type: ignore[return-value]
 
@@ -106,62 +108,40 @@ class Unit:
             item.slot.put(item.placeholder)
 
 
-@dataclass
-class _Pending:
-    unit: Unit
-    thread: threading.Thread
-    result: list[list[torch.Tensor]] = field(default_factory=list)
-
-
 class Streamer:
-    """Loads layers for one dispatched model and prefetches the one expected next."""
+    """Loads layers for one dispatched model and reads ahead the one expected next."""
 
     def __init__(self, device: torch.device, units: list[Unit]) -> None:
         self.device = device
         self.in_order = {id(unit): following for unit, following in itertools.pairwise(units)}
         self.successor: dict[int, Unit] = {}
         self.last: Unit | None = None
-        self.pending: _Pending | None = None
+        self.pending: tuple[Unit, list[torch.Tensor]] | None = None
         self.prefetch = any(unit.reads_files for unit in units)
-        self.hits = 0  # layers whose weights a prefetch had ready (for tests and diagnostics)
+        self.hits = 0  # layers whose weights were mapped and read ahead (for tests and diagnostics)
 
     def enter(self, unit: Unit) -> None:
         if self.last is not None and self.last is not unit:
             self.successor[id(self.last)] = unit  # learn the order the model really runs in
         self.last = unit
         host = self._take(unit)
-        unit.install(host if host is not None else unit.fetch(prefetch=False), self.device)
+        unit.install(host if host is not None else unit.fetch(read_ahead=False), self.device)
         following = self.successor.get(id(unit)) or self.in_order.get(id(unit))
         if self.prefetch and following is not None and following is not unit and following.reads_files:
-            self._start(following)
+            try:
+                self.pending = (following, following.fetch(read_ahead=True))
+            except Exception:
+                self.pending = None
 
     def leave(self, unit: Unit) -> None:
         unit.release()
 
     def _take(self, unit: Unit) -> list[torch.Tensor] | None:
         pending, self.pending = self.pending, None
-        if pending is None or pending.unit is not unit:
-            return None  # a wrong guess is dropped; its maps go when its thread ends
-        pending.thread.join()
-        if not pending.result:
-            return None  # a failed prefetch: load again, and raise there
+        if pending is None or pending[0] is not unit:
+            return None  # a wrong guess: its maps are dropped
         self.hits += 1
-        return pending.result[0]
-
-    def _start(self, unit: Unit) -> None:
-        result: list[list[torch.Tensor]] = []
-        thread = threading.Thread(target=_prefetch, args=(unit, result), name="distrib-prefetch", daemon=True)
-        self.pending = _Pending(unit, thread, result)
-        thread.start()
+        return pending[1]
 
     def close(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.thread.join()
-
-
-def _prefetch(unit: Unit, result: list[list[torch.Tensor]]) -> None:
-    try:
-        result.append(unit.fetch(prefetch=True))
-    except Exception:
-        pass
+        self.pending = None

@@ -8,6 +8,7 @@ model's tokens, `hf_device_map` is set and flat, disk layers are read in place f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -118,9 +119,17 @@ class _no_warning:
         self.catcher.__exit__(*exc)
 
 
+def private_copy(source: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for file in source.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    return folder
+
+
 def test_the_next_layer_is_prefetched_and_mapped_pages_are_released(hf, tmp_path):
+    checkpoint = private_copy(hf["checkpoint"]["gpt2"], tmp_path / "checkpoint")  # mapped by this test only
     model = load_checkpoint_and_dispatch(
-        empty("gpt2"), hf["checkpoint"]["gpt2"], device_map={"": "disk"}, offload_folder=tmp_path
+        empty("gpt2"), checkpoint, device_map={"": "disk"}, offload_folder=tmp_path / "offload"
     )
     assert torch.equal(generate(model, hf["ids"]), hf["expected"]["gpt2"])
     streamer = model.__dict__[HOOK_ATTR].streamer
@@ -129,9 +138,9 @@ def test_the_next_layer_is_prefetched_and_mapped_pages_are_released(hf, tmp_path
     ]
     assert {type(m).__name__ for m in layers} >= {"GPT2Block", "Embedding"}  # blocks load whole
     assert streamer.hits > len(layers)  # after the first pass, layers found their weights read ahead
-    checkpoint = str(hf["checkpoint"]["gpt2"].resolve())
     streamer.close()
-    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if checkpoint in line]
+    folder = str(checkpoint.resolve())
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if folder in line]
     assert mapped == []  # no layer's pages stay mapped once it has run
 
 
@@ -159,11 +168,7 @@ def test_an_explicit_map_with_overrides_gives_a_flat_hf_device_map(hf, tmp_path)
 
 
 def test_a_rewritten_checkpoint_is_refused_rather_than_read(hf, tmp_path):
-    source = hf["checkpoint"]["gpt2"]
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for file in source.iterdir():
-        (copy / file.name).write_bytes(file.read_bytes())
+    copy = private_copy(hf["checkpoint"]["gpt2"], tmp_path / "copy")
     model = load_checkpoint_and_dispatch(
         empty("gpt2"), copy, device_map={"": "disk"}, offload_folder=tmp_path / "o"
     )
@@ -305,3 +310,29 @@ def test_offload_state_dict_parks_ram_copies_on_disk_until_the_end(hf, tmp_path)
     assert not list((tmp_path / "offload").glob(".distrib-state-dict-*"))  # the parking folder is gone
     assert (tmp_path / "offload" / "transformer.h.3.mlp.c_fc.weight.dat").exists()  # a .bin is copied
     assert torch.equal(generate(model, hf["ids"]), hf["expected"]["gpt2"])
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="evicts a file from the page cache")
+def test_reading_ahead_brings_evicted_pages_back_into_the_page_cache(tmp_path):
+    import time
+
+    from distrib.big_modeling._mapped import map_tensors, read_ahead_pages, read_header
+
+    file = tmp_path / "layer.safetensors"
+    save_file({"w": torch.randn(2_000_000)}, file)
+    extent = read_header(file)["w"]
+    with open(file, "rb") as handle:
+        os.fsync(handle.fileno())
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
+    (tensor,) = map_tensors(file, [extent])
+    start = tensor.data_ptr() // 4096 * 4096
+    if read_ahead_pages.cached(start, start + 8 * 10**6):
+        pytest.skip("the kernel kept the file's pages cached")
+    read_ahead_pages([tensor])
+    deadline = time.monotonic() + 30
+    while not read_ahead_pages.cached(start, start + 8 * 10**6) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert read_ahead_pages.cached(start, start + 8 * 10**6)
+    from safetensors.torch import load_file
+
+    assert torch.equal(tensor, load_file(file)["w"])
