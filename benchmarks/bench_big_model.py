@@ -123,13 +123,17 @@ def _load_distrib(
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config(layers, quick)).eval()
     if disk:
-        return load_checkpoint_and_dispatch(model, checkpoint, device_map={"": "disk"}, offload_folder=offload)
+        return load_checkpoint_and_dispatch(
+            model, checkpoint, device_map={"": "disk"}, offload_folder=offload
+        )
     if budget is None:
         return load_checkpoint_and_dispatch(model, checkpoint, device_map={"": "cpu"})
     return load_checkpoint_and_dispatch(model, checkpoint, max_memory={"cpu": budget}, offload_folder=offload)
 
 
-def _load_accelerate(checkpoint: Path, layers: int, quick: bool, budget: int | None, offload: Path) -> nn.Module:
+def _load_accelerate(
+    checkpoint: Path, layers: int, quick: bool, budget: int | None, offload: Path
+) -> nn.Module:
     import transformers
     from accelerate import init_empty_weights, load_checkpoint_and_dispatch
 
@@ -239,7 +243,9 @@ def measure_rounds(
 # -- the driver ------------------------------------------------------------------------------------------
 
 
-def _run_child(variant: str, checkpoint: Path, args: argparse.Namespace, budget: int, work: Path) -> dict[str, Any]:
+def _run_child(
+    variant: str, checkpoint: Path, args: argparse.Namespace, budget: int, work: Path
+) -> dict[str, Any]:
     offload = work / "offload"
     shutil.rmtree(offload, ignore_errors=True)
     offload.mkdir()
@@ -267,7 +273,19 @@ def _ratio(rounds: list[dict[str, float]], variant: str) -> str:
     return f"{statistics.median(ratios):.2f}x ({low:.2f}-{high:.2f})"
 
 
-def _summary(runs: list[dict[str, Any]], rounds: list[dict[str, float]], variants: Sequence[str]) -> list[dict[str, Any]]:
+def _blocks_on_disk(on_disk: list[str], layers: int) -> str:
+    """How many GPT-2 blocks a flat map puts on disk (an entry may be a block or any module holding it)."""
+    blocks = [f"transformer.h.{i}" for i in range(layers)]
+    count = sum(
+        any(entry == "" or block == entry or block.startswith(entry + ".") for entry in on_disk)
+        for block in blocks
+    )
+    return f"{count} of {layers}"
+
+
+def _summary(
+    runs: list[dict[str, Any]], rounds: list[dict[str, float]], variants: Sequence[str], layers: int
+) -> list[dict[str, Any]]:
     rows = []
     reference = next(r["tokens"] for r in runs if r["variant"] == "plain")
     for variant in variants:
@@ -281,7 +299,7 @@ def _summary(runs: list[dict[str, Any]], rounds: list[dict[str, float]], variant
                 "per token vs plain": _ratio(rounds, variant),
                 "peak RSS MB": _cell([r["peak_rss_mb"] for r in mine], ".0f"),
                 "same tokens": "yes" if all(r["tokens"] == reference for r in mine) else "NO",
-                "blocks on disk": len([n for n in mine[0]["on_disk"] if ".h." in n or n in ("", "transformer.h")]),
+                "blocks on disk": _blocks_on_disk(mine[0]["on_disk"], layers),
             }
         )
     return rows
@@ -309,7 +327,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8, help="GPT-2 blocks (8: 384 MB in fp32)")
     p.add_argument("--budget-mb", type=int, default=300, help="RAM budget of the offload variant, MB")
     p.add_argument("--tokens", type=int, default=20, help="tokens generated for the steady per-token time")
-    p.add_argument("--repeats", type=int, default=3, help="processes per variant for load and RSS (alternating)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="processes per variant for load and RSS (alternating)"
+    )
     p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds in one process")
     p.add_argument("--quick", action="store_true", help="a small smoke run (figures not meaningful)")
     p.add_argument("--no-accelerate", action="store_true", help="leave the Accelerate variants out")
@@ -332,14 +352,21 @@ def _measure_all(args: argparse.Namespace, variants: list[str]) -> dict[str, Any
         for repeat in range(args.repeats):
             shift = repeat % len(variants)
             for variant in variants[shift:] + variants[:shift]:
-                print(f"[big_model] repeat {repeat + 1}/{args.repeats}: {variant}", file=sys.stderr, flush=True)
+                print(
+                    f"[big_model] repeat {repeat + 1}/{args.repeats}: {variant}", file=sys.stderr, flush=True
+                )
                 runs.append({"repeat": repeat, **_run_child(variant, checkpoint, args, budget, work)})
         print(f"[big_model] {args.rounds} interleaved timing rounds", file=sys.stderr, flush=True)
         rounds = _run_child("rounds:" + ",".join(variants), checkpoint, args, budget, work)["rounds"]
     empty = _empty_model(args.layers, args.quick)
     layer_mb = sum(p.numel() * 4 for p in empty.transformer.h[0].parameters()) / MB
     config_ = {"model_mb": round(model_mb), "layers": args.layers, "block_mb": round(layer_mb, 1)}
-    config_ = {**config_, "offload_budget_mb": round(budget / MB), "repeats": args.repeats, "rounds": args.rounds}
+    config_ = {
+        **config_,
+        "offload_budget_mb": round(budget / MB),
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+    }
     return {"config": config_, "runs": runs, "rounds": rounds}
 
 
@@ -347,11 +374,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     if args.child and args.child.startswith("rounds:"):
         variants = args.child.removeprefix("rounds:").split(",")
-        result = measure_rounds(variants, args.checkpoint, args.layers, args.quick, args.budget, args.offload, args)
+        result = measure_rounds(
+            variants, args.checkpoint, args.layers, args.quick, args.budget, args.offload, args
+        )
         print(json.dumps(result))
         return result
     if args.child:
-        result = measure(args.child, args.checkpoint, args.layers, args.quick, args.budget, args.offload, args.tokens)
+        result = measure(
+            args.child, args.checkpoint, args.layers, args.quick, args.budget, args.offload, args.tokens
+        )
         print(json.dumps(result))
         return result
     if args.quick:
@@ -360,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.no_accelerate and importlib.util.find_spec("accelerate") is not None:
         variants += ["accelerate", "accelerate offload"]
     measured = _measure_all(args, variants)
-    rows = _summary(measured["runs"], measured["rounds"], variants)
+    rows = _summary(measured["runs"], measured["rounds"], variants, args.layers)
     print(_markdown(rows))
     config_ = measured["config"]
     result = {

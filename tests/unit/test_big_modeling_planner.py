@@ -45,6 +45,11 @@ def gpt2_model() -> nn.Module:
     return gpt2()
 
 
+@pytest.fixture(scope="module")
+def models(gpt2_model) -> dict[str, tuple[nn.Module, list[str]]]:
+    return {"gpt2": (gpt2_model, ["GPT2Block"]), "t5": (t5(), ["T5Block"])}
+
+
 def gpt2_expected(model: nn.Module, memory: dict[object, int]) -> dict[str, object]:
     """The plan the rules give GPT-2 (blocks kept whole) for a budget of one GPU and/or the CPU.
 
@@ -126,8 +131,8 @@ def test_the_first_module_is_never_pushed_off_a_device_that_could_hold_it(gpt2_m
 
 @pytest.mark.parametrize("fraction", [0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.0])
 @pytest.mark.parametrize("name", ["gpt2", "t5"])
-def test_every_plan_is_flat_and_honours_its_budget(name, fraction):
-    model, no_split = (gpt2(), ["GPT2Block"]) if name == "gpt2" else (t5(), ["T5Block"])
+def test_every_plan_is_flat_and_honours_its_budget(models, name, fraction):
+    model, no_split = models[name]
     sizes = compute_module_sizes(model)
     budget = int(sizes[""] * fraction)
     largest_anywhere = _largest_layer(model, "", no_split)
@@ -278,7 +283,7 @@ def test_a_budget_that_cannot_hold_the_model_says_how_much_is_missing(gpt2_model
 
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="compares against Accelerate")
 @pytest.mark.parametrize("name", ["gpt2", "t5"])
-def test_plans_keep_at_least_as_much_on_fast_devices_as_accelerate(name, monkeypatch):
+def test_plans_keep_at_least_as_much_on_fast_devices_as_accelerate(models, name, monkeypatch):
     import accelerate.utils.modeling as accelerate_modeling
 
     def budgets_as_given(max_memory=None):  # Accelerate drops GPUs this machine does not have
@@ -287,7 +292,7 @@ def test_plans_keep_at_least_as_much_on_fast_devices_as_accelerate(name, monkeyp
         return get_max_memory(max_memory)
 
     monkeypatch.setattr(accelerate_modeling, "get_max_memory", budgets_as_given)
-    model, no_split = (gpt2(), ["GPT2Block"]) if name == "gpt2" else (t5(), ["T5Block"])
+    model, no_split = models[name]
     total = compute_module_sizes(model)[""]
     budgets: list[dict[object, int]] = [{"cpu": int(total * f)} for f in (0.1, 0.3, 0.5, 0.7, 0.9)]
     budgets += [{0: int(total * g), "cpu": int(total * c)} for g in (0.2, 0.5) for c in (0.2, 0.6)]
