@@ -139,6 +139,7 @@ def _load_accelerate(
 
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config(layers, quick)).eval()
+    model.tie_weights()  # Accelerate's loaders expect the ties in place (lm_head is not in the checkpoint)
     if budget is None:
         return load_checkpoint_and_dispatch(model, str(checkpoint), device_map={"": "cpu"})
     return load_checkpoint_and_dispatch(
