@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,8 @@ class _ModuleHooks:
         if self.unit is not None and self.depth == 0:
             assert self.streamer is not None
             self.streamer.leave(self.unit)
+        if self.device_map is not None:  # the model itself: explain a failure the offloading caused
+            _explain_meta_error(sys.exc_info()[1], module)
         target = self.input_device if self.io_same_device and self.input_device else self.output_device
         return None if target is None else send_to_device(output, target)
 
@@ -101,6 +104,30 @@ class _ModuleHooks:
         self.handles.append(module.register_forward_pre_hook(self.pre, with_kwargs=True))
         self.handles.append(module.register_forward_hook(self.post, with_kwargs=True, always_call=True))
         module.__dict__[HOOK_ATTR] = self
+
+
+def _explain_meta_error(error: BaseException | None, model: nn.Module) -> None:
+    """A forward that read an offloaded child's weights directly met a meta tensor: name the fix."""
+    if not isinstance(error, (RuntimeError, NotImplementedError)) or "meta" not in str(error):
+        return
+    if any("preload_module_classes" in note for note in getattr(error, "__notes__", ())):
+        return
+    culprit = None
+    frame = error.__traceback__
+    while frame is not None:  # the innermost forward() of a module of this model is the one that read
+        owner = frame.tb_frame.f_locals.get("self") if frame.tb_frame.f_code.co_name == "forward" else None
+        if isinstance(owner, nn.Module) and any(owner is m for m in model.modules()):
+            culprit = owner
+        frame = frame.tb_next
+    name = type(culprit).__name__ if culprit is not None else "<the module whose forward failed>"
+    add_note = getattr(error, "add_note", None)  # Python >= 3.11; older ones keep torch's message alone
+    if add_note is None:
+        return
+    add_note(
+        f"distrib: offloaded weights stay on the meta device except while their own module runs; {name}'s "
+        f"forward seems to read a child's weights directly. Pass preload_module_classes=[{name!r}] to "
+        "dispatch_model / load_checkpoint_and_dispatch so it loads everything below it first"
+    )
 
 
 def _first_device(obj: Any) -> torch.device | None:
@@ -294,7 +321,13 @@ def dispatch_model(
             )
         folder = OffloadFolder(offload_dir)
     layer_classes = NoSplit.of(getattr(model, "_no_split_modules", None) or ())
-    options = _Options(main, folder, offload_buffers, layer_classes, NoSplit.of(preload_module_classes))
+    options = _Options(
+        main,
+        folder,
+        offload_buffers,
+        layer_classes,
+        NoSplit.of(preload_module_classes, "preload_module_classes"),
+    )
     offloaded = _place(model, placements, options)
     if folder is not None:
         folder.flush()

@@ -37,14 +37,14 @@ class NoSplit:
     classes: tuple[type, ...] = ()
 
     @classmethod
-    def of(cls, given: Iterable[str | type] | None) -> NoSplit:
+    def of(cls, given: Iterable[str | type] | None, what: str = "no_split_module_classes") -> NoSplit:
         if isinstance(given, (str, type)):
             given = [given]
         items = list(given or ())
         for item in items:
             if not isinstance(item, (str, type)):
                 raise DeviceMapError(
-                    f"no_split_module_classes holds {item!r}; give class names such as 'GPT2Block' or classes"
+                    f"{what} holds {item!r}; give class names such as 'GPT2Block' or classes"
                 )
         names = frozenset(c for c in items if isinstance(c, str))
         return cls(names, tuple(c for c in items if isinstance(c, type)))

@@ -165,6 +165,8 @@ def test_an_explicit_map_with_overrides_gives_a_flat_hf_device_map(hf, tmp_path)
     assert torch.equal(generate(model, hf["ids"]), hf["expected"]["gpt2"])
     remove_hooks(model)
     assert not hasattr(model, "hf_device_map")
+    assert not any(p.is_meta for p in model.parameters())  # copied out of the linked checkpoint shards
+    assert torch.equal(generate(model, hf["ids"]), hf["expected"]["gpt2"])
 
 
 def test_a_rewritten_checkpoint_is_refused_rather_than_read(hf, tmp_path):
@@ -217,13 +219,21 @@ def reader_net() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def test_preload_module_classes_lets_a_parent_read_its_childs_weights(tmp_path):
     model, x, expected = reader_net()
     dispatch_model(model, {"": "disk"}, offload_dir=tmp_path / "a")
-    with pytest.raises(RuntimeError, match="meta"):
+    with pytest.raises(RuntimeError, match="meta") as error:
         model(x)
+    if hasattr(error.value, "add_note"):  # Python >= 3.11: the error names the fix
+        assert "preload_module_classes=['Reader']" in "\n".join(error.value.__notes__)
     remove_hooks(model)
     dispatch_model(model, {"": "disk"}, offload_dir=tmp_path / "b", preload_module_classes=["Reader"])
     with torch.no_grad():
         assert torch.equal(model(x), expected)
     assert model.reader.inner.weight.is_meta  # dropped again after the forward
+
+
+def test_preload_module_classes_must_be_class_names_or_classes(tmp_path):
+    model, _, _ = reader_net()
+    with pytest.raises(DeviceMapError, match="preload_module_classes holds 3"):
+        dispatch_model(model, {"": "disk"}, offload_dir=tmp_path, preload_module_classes=[3])  # type: ignore[list-item]
 
 
 def test_buffers_stay_on_the_main_device_unless_offload_buffers(tmp_path):
@@ -256,6 +266,8 @@ def test_cpu_offload_with_hook_chains_models_and_offloads_on_request():
     assert not second._forward_pre_hooks
     with pytest.raises(DeviceMapError, match="already has a cpu_offload_with_hook"):
         cpu_offload_with_hook(first, "cpu")
+    with pytest.raises(DeviceMapError, match="cannot run a model"):
+        cpu_offload_with_hook(nn.Linear(2, 2), "disk")
     with pytest.raises(DeviceMapError, match="prev_module_hook must be"):
         cpu_offload_with_hook(nn.Linear(2, 2), "cpu", prev_module_hook=object())  # type: ignore[arg-type]
     with init_empty_weights():
