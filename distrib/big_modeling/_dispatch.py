@@ -200,12 +200,15 @@ def _place(model: nn.Module, placements: dict[str, Device], options: _Options) -
     for group in group_by_tensor(tensor_slots(model)):
         device = placements[group[0].name]
         tensor = group[0].tensor
-        if _is_offloaded(device, options.main):
+        keep_buffer = not group[0].is_param and not options.offload_buffers
+        if _is_offloaded(device, options.main) and keep_buffer and not tensor.is_meta:
+            # buffers are small and read by the code around a layer: they stay on the main device
+            replace_tensor(group, tensor.detach().to(options.main))
+        elif _is_offloaded(device, options.main):
             source = _offload(group, device, options.folder)
             if source is None:
                 on_meta.append(group[0].name)
-            elif not group[0].is_param and not options.offload_buffers:
-                # buffers are small and read by the code around a layer: keep them on the main device
+            elif keep_buffer:  # a buffer only the offload folder holds: read it back once
                 replace_tensor(group, _resident(source.restore(), options.main))
             else:
                 offloaded += [Offloaded(slot, group[0].tensor, source) for slot in group]

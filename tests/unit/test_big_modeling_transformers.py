@@ -240,6 +240,7 @@ def test_buffers_stay_on_the_main_device_unless_offload_buffers(tmp_path):
     model, x, expected = reader_net()
     dispatch_model(model, {"": "disk"}, offload_dir=tmp_path / "a", preload_module_classes=[Reader])
     assert not model.offset.is_meta and model.first.weight.is_meta
+    assert not (tmp_path / "a" / "offset.dat").exists() and (tmp_path / "a" / "first.weight.dat").exists()
     with torch.no_grad():
         assert torch.equal(model(x), expected)
     remove_hooks(model)
