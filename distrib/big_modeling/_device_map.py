@@ -138,7 +138,7 @@ def _required_reserves(
 
 
 def _plan_with_reserves(
-    info: _Model, memory: Mapping[Device, int], *, fallback: bool, offload_buffers: bool
+    info: _Model, memory: Mapping[Device, int], *, fallback: bool, offload_buffers: bool, warn: bool = True
 ) -> DeviceMap:
     """Plan, then plan again keeping the room the plan's streamed layers need, until that room suffices.
 
@@ -152,7 +152,8 @@ def _plan_with_reserves(
             raise not_enough_memory(info.sizes[""], error.placed, _budget_text(memory)) from None
         need = _required_reserves(info, device_map, memory, offload_buffers)
         if all(size <= reserves.get(device, 0) for device, size in need.items()):
-            _warn_if_over_budget(need, memory)
+            if warn:
+                _warn_if_over_budget(need, memory)
             return device_map
         for device, size in need.items():
             reserves[device] = max(reserves.get(device, 0), size)
@@ -180,7 +181,7 @@ def _gpus(memory: Mapping[Device, int]) -> list[Device]:
 
 def _off_gpu_bytes(info: _Model, memory: Mapping[Device, int]) -> int:
     try:
-        device_map = _plan_with_reserves(info, memory, fallback=False, offload_buffers=True)
+        device_map = _plan_with_reserves(info, memory, fallback=False, offload_buffers=True, warn=False)
     except DeviceMapError:
         return info.sizes[""]
     return sum(info.sizes.get(name, 0) for name, device in device_map.items() if device in _STREAMED)
