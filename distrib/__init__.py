@@ -77,8 +77,11 @@ _EXPORTS: dict[str, str] = {
     "LoadReport": "big_modeling",
     "dispatch_model": "big_modeling",
     "cpu_offload": "big_modeling",
+    "cpu_offload_with_hook": "big_modeling",
+    "ModelOffloadHook": "big_modeling",
     "disk_offload": "big_modeling",
     "remove_hooks": "big_modeling",
+    "get_balanced_memory": "big_modeling",
     # checkpoints
     "save_state": "checkpointing",
     "SaveHandle": "checkpointing",
@@ -180,10 +183,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .big_modeling import (
         LoadReport,
+        ModelOffloadHook,
         compute_module_sizes,
         cpu_offload,
+        cpu_offload_with_hook,
         disk_offload,
         dispatch_model,
+        get_balanced_memory,
         get_max_memory,
         infer_auto_device_map,
         init_empty_weights,

@@ -99,12 +99,17 @@ def main() -> None:
         )
         with torch.no_grad():
             logits = model(tokens)  # disk layers are read just in time, then dropped
+        copies = len(list(offload.glob("*.dat")))  # disk layers are read from the checkpoint itself
+        flat = model.hf_device_map == device_map  # what transformers' generate() and pipelines read
 
     places = {
         device: sum(1 for d in device_map.values() if d == device) for device in set(device_map.values())
     }
     print(f"model: {size / 2**20:.0f} MiB in {num_blocks} blocks; RAM budget {budget['cpu'] / 2**20:.0f} MiB")
-    print(f"device map: {len(device_map)} entries; per device: {places}")
+    print(
+        f"device map: {len(device_map)} entries; per device: {places}; model.hf_device_map is the map: {flat}"
+    )
+    print(f"copies of weights in the offload folder: {copies} (disk layers are mapped from the checkpoint)")
     print(f"predictions agree: {bool(torch.equal(logits.argmax(-1), expected.argmax(-1)))}; "
           f"logits bit-identical: {torch.equal(logits, expected)}; "
           f"max |difference|: {(logits - expected).abs().max().item():.3g}")  # fmt: skip

@@ -4,14 +4,17 @@ Accepted layouts::
 
     model.safetensors                               one file
     folder/model.safetensors.index.json + shards    {"weight_map": {"name": "model-00001-of-00002.safetensors"}}
-    pytorch_model.bin  (or .pt / .pth)              torch.save(state_dict), read with mmap=True
-    folder/pytorch_model.bin.index.json + shards    the same index format, for .bin shards
+    folder/<anything>.index.json + shards           the same, or the flat form {"name": "shard-file", ...}
+    pytorch_model.bin  (or .pt / .pth)              torch.save(state_dict), read with mmap=True (legacy
+                                                    non-zip files without mmap), always weights_only=True
+    folder/pytorch_model.bin.index.json + shards    the same index formats, for .bin shards
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,11 @@ class Shard:
     @property
     def is_safetensors(self) -> bool:
         return self.path.suffix == ".safetensors"
+
+    @property
+    def is_mapped(self) -> bool:
+        """True when tensors read from this file are views of a memory map (not copies in RAM)."""
+        return self.is_safetensors or zipfile.is_zipfile(self.path)
 
     def list_keys(self) -> list[str]:
         if self.keys is not None:
@@ -95,8 +103,11 @@ def _not_in_shard(key: str, path: Path) -> CheckpointError:
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    # torch can memory-map only the zip format (torch >= 1.6); files in the legacy format are read whole.
+    # Either way weights_only=True: nothing in the file is unpickled beyond tensors and plain containers.
+    mmap = zipfile.is_zipfile(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for unreadable files
         raise CheckpointError(f"cannot read {path} as a torch checkpoint: {exc}") from exc
     if not isinstance(state, dict):
@@ -125,24 +136,46 @@ def _find_in_folder(folder: Path) -> Path:
     for name in _FOLDER_NAMES:
         if (folder / name).exists():
             return folder / name
-    for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json"):
+    for pattern in ("*.safetensors.index.json", "*.bin.index.json", "*.index.json", "*.safetensors"):
         found = sorted(folder.glob(pattern))
         if len(found) == 1:
             return found[0]
+        if len(found) > 1:
+            raise CheckpointError(
+                f"folder {str(folder)!r} holds several checkpoints ({shorten([p.name for p in found])}); "
+                "pass the file or index to load instead of the folder"
+            )
     raise CheckpointError(
-        f"found no checkpoint in folder {str(folder)!r}; expected one of {', '.join(_FOLDER_NAMES)} "
-        "(or a single *.safetensors file)"
+        f"found no checkpoint in folder {str(folder)!r}; expected one of {', '.join(_FOLDER_NAMES)}, "
+        "an *.index.json file, or a single *.safetensors file"
     )
 
 
-def _open_index(index_file: Path) -> Checkpoint:
+def _read_weight_map(index_file: Path) -> dict[str, str]:
+    """``{tensor: file}`` from transformers' ``{"weight_map": {...}}`` layout or from the flat form."""
     try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as exc:
+        data = json.loads(index_file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index_file} is not valid JSON ({exc}); regenerate the index") from exc
+    weight_map = data.get("weight_map", data) if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in weight_map.items()
+    ):
         raise CheckpointError(
-            f"{index_file} is not a checkpoint index: expected JSON with a 'weight_map' "
-            "of {tensor_name: shard_file}"
-        ) from exc
+            f"{index_file} is not a checkpoint index: expected JSON mapping each tensor name to its shard "
+            'file, either {"weight_map": {"name": "file", ...}} or flat {"name": "file", ...}'
+        )
+    for file_name in set(weight_map.values()):
+        if Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+            raise CheckpointError(
+                f"{index_file} names the shard {file_name!r}, outside the index's folder; "
+                "shard files must be named relative to the folder that holds the index"
+            )
+    return weight_map
+
+
+def _open_index(index_file: Path) -> Checkpoint:
+    weight_map = _read_weight_map(index_file)
     by_file: dict[str, list[str]] = {}
     for key, file_name in weight_map.items():
         by_file.setdefault(file_name, []).append(key)
@@ -153,7 +186,9 @@ def _open_index(index_file: Path) -> Checkpoint:
             f"the index {index_file.name} lists shard files missing from {str(folder)!r}: {shorten(missing)}; "
             "finish the download or copy, or regenerate the index"
         )
-    suffix = ".safetensors" if index_file.name.endswith(".safetensors.index.json") else ".bin"
-    unlisted = sorted(p.name for p in folder.glob(f"*{suffix}") if p.name not in by_file)
+    suffixes = {Path(name).suffix for name in by_file} or {".safetensors"}
+    unlisted = sorted(
+        p.name for suffix in suffixes for p in folder.glob(f"*{suffix}") if p.name not in by_file
+    )
     shards = [Shard(folder / name, tuple(keys)) for name, keys in sorted(by_file.items())]
     return Checkpoint(index_file, shards, unlisted)

@@ -1,225 +1,285 @@
-"""`infer_auto_device_map`: a pure planner that spreads a model over GPUs, then the CPU, then disk."""
+"""`infer_auto_device_map` and `get_balanced_memory`: pure planners over module sizes and memory budgets.
+
+The rules, in the order they apply:
+
+1. Devices are filled in order: GPUs (by index), other accelerators, "cpu", then "disk". Modules keep
+   model order and are split into their children only when they do not fit; modules of the
+   ``no_split_module_classes``, leaves and single tensors are never split. Tied parameters go together.
+2. *Streamed layers.* A layer offloaded to "cpu" (when a GPU runs the model) or to "disk" is brought to
+   the main device (the first GPU, else the CPU) while it runs, so the main device keeps room for the
+   largest layer that is actually offloaded, and nothing more: layers that stay resident are never
+   streamed, so they never count against that room. With disk offload and a GPU main device, the CPU
+   also keeps room for the largest disk layer (its pages pass through RAM). Without
+   ``offload_buffers``, the buffers of offloaded layers stay on the main device and count there too.
+   The planner finds the smallest such room by planning again until the room it kept covers what the
+   plan streams (a fixed point reached from below, so the first module is never pushed off a device
+   that could hold it).
+3. "balanced" plans cap each GPU's budget (see `get_balanced_memory`) and then fill in order.
+4. ``fallback_allocation=True``: a device that the in-order rule would leave empty takes the first
+   later piece that fits.
+"""
 
 from __future__ import annotations
 
 import math
-from collections import deque
+import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from ..errors import DeviceMapError
-from ._memory import Device, compute_module_sizes, format_size, get_max_memory
-from ._placement import DeviceMap, is_under, lookup, tied_parameter_names
+from ..errors import DeviceMapError, DistribWarning
+from ._memory import Device, compute_module_sizes, format_size, get_max_memory, to_dtype
+from ._placement import DeviceMap, flatten_device_map, tied_parameter_names
+from ._planner import NoSplit, NotEnoughMemory, Planner, Slot, layers, not_enough_memory
 
 Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
-NoSplit = Iterable[str | type]
+NoSplitClasses = Iterable[str | type]
+
+_STREAMED = ("cpu", "disk")
 
 
-@dataclass
-class _Slot:
-    device: Device
-    capacity: int | None  # hard limit in bytes; None: unlimited
-    target: float | None = None  # balanced strategies: total placed when this device is done
-    used: int = 0
+@dataclass(frozen=True)
+class _Model:
+    """What the planner reads about a model, computed once."""
 
-
-@dataclass
-class _Planner:
     model: nn.Module
-    sizes: dict[str, int]
-    no_split: tuple[Iterable[str], tuple[type, ...]]
+    sizes: dict[str, int]  # tied tensors counted once: what the model holds
+    full_sizes: dict[str, int]  # tied tensors counted under every name: what a streamed layer loads
+    buffer_sizes: dict[str, int]
+    no_split: NoSplit
     tied: list[list[str]]
-    slots: list[_Slot]
-    device_map: DeviceMap = field(default_factory=dict)
-    split: list[str] = field(default_factory=list)
-    early: dict[str, int] = field(default_factory=dict)  # tied partners placed ahead of model order
-    placed_total: int = 0
-    index: int = 0
-    budget: str = ""  # max_memory as the user gave it, for error messages
 
-    def splittable(self, module: nn.Module | None) -> bool:
-        if module is None or not module._modules:
-            return False  # a leaf runs as one piece, so its tensors stay together
-        names, classes = self.no_split
-        no_split = type(module).__name__ in names or isinstance(module, classes)
-        return module is self.model or not no_split  # the model itself always splits
+    @classmethod
+    def of(cls, model: nn.Module, no_split: NoSplitClasses | None, dtype: torch.dtype | str | None) -> _Model:
+        dtype = to_dtype(dtype)
+        return cls(
+            model,
+            compute_module_sizes(model, dtype),
+            _tensor_sizes(model, dtype, buffers=True, params=True),
+            _tensor_sizes(model, dtype, buffers=True, params=False),
+            NoSplit.of(no_split),
+            tied_parameter_names(model),
+        )
 
-    def children(self, name: str, module: nn.Module) -> list[tuple[str, nn.Module | None]]:
-        prefix = f"{name}." if name else ""
-        tensors = [*module._parameters, *module._buffers]
-        items: list[tuple[str, nn.Module | None]] = [(prefix + attr, None) for attr in tensors]
-        items += [(prefix + child, sub) for child, sub in module._modules.items() if sub is not None]
-        return items
-
-    def placed(self, name: str) -> bool:
-        return lookup(self.device_map, name) is not None
-
-    def partners(self, name: str) -> list[str]:
-        """What must move with ``name``: holders of its tied parameters that lie outside it."""
-        found: list[str] = []
-        for group in self.tied:
-            if not any(is_under(member, name) for member in group):
-                continue
-            for member in group:
-                owner = member.rpartition(".")[0]
-                # a leaf module goes whole; a container keeps its children free and lends the tensor only
-                holder = member if self.model.get_submodule(owner)._modules else owner
-                if not is_under(member, name) and not self.placed(holder) and holder not in found:
-                    found.append(holder)
-        return found
-
-    def size(self, name: str) -> int:
-        inner = sum(size for key, size in self.early.items() if key != name and is_under(key, name))
-        return self.sizes.get(name, 0) - inner
-
-    def fits(self, size: int, atomic: bool) -> bool:
-        slot = self.slots[self.index]
-        if slot.capacity is not None and slot.used + size > slot.capacity:
-            return False
-        share = size / 2 if atomic else size
-        return slot.target is None or self.placed_total + share <= slot.target
-
-    def place(self, names: list[str], size: int) -> None:
-        slot = self.slots[self.index]
-        for name in names:
-            self.device_map[name] = slot.device
-        for partner in names[1:]:
-            self.early[partner] = self.size(partner)
-        slot.used += size
-        self.placed_total += size
-
-    def run(self) -> DeviceMap:
-        queue: deque[tuple[str, nn.Module | None]] = deque([("", self.model)])
-        if not self.slots:
-            raise _not_enough_memory(self)
-        while queue:
-            name, module = queue.popleft()
-            if self.placed(name):
-                continue
-            group = [name, *self.partners(name)]
-            size = sum(self.size(member) for member in group)
-            splittable = self.splittable(module)
-            if self.fits(size, atomic=not splittable):
-                self.place(group, size)
-            elif splittable:
-                assert module is not None
-                queue.extendleft(reversed(self.children(name, module)))
-                self.split.append(name)
-            else:
-                self.next_device()
-                queue.appendleft((name, module))
-        return _merge(self.device_map, self.split, self.model)
-
-    def next_device(self) -> None:
-        self.index += 1
-        if self.index >= len(self.slots):
-            raise _not_enough_memory(self)
+    def largest_layer(self, entry: str) -> int:
+        """Bytes of the largest piece under ``entry`` that runs as one streamed layer."""
+        try:
+            module = self.model.get_submodule(entry)
+        except AttributeError:
+            return self.full_sizes.get(entry, 0)  # a tensor entry
+        pieces = layers(self.model, self.no_split, entry, module)
+        return max((self.full_sizes.get(piece, 0) for piece in pieces), default=0)
 
 
-def _not_enough_memory(planner: _Planner) -> DeviceMapError:
-    total = planner.sizes[""]
-    budget = planner.budget or ", ".join(
-        f"{s.device!r}: {format_size(s.capacity or 0)}" for s in planner.slots
-    )
-    missing = total - planner.placed_total
-    return DeviceMapError(
-        f"the model needs {format_size(total)} but max_memory ({budget}) holds only "
-        f"{format_size(planner.placed_total)} of it (in whole layers, keeping room on the main device for "
-        f"the largest one): at least {format_size(missing)} more is needed. Raise max_memory, or allow "
-        "'disk' (offload_folder=... in load_checkpoint_and_dispatch, or a larger max_memory['disk'])"
-    )
-
-
-def _merge(device_map: DeviceMap, split: list[str], model: nn.Module) -> DeviceMap:
-    """Fold the entries of a split module back into one when they all landed on the same device."""
-    for name in reversed(split):
-        module = model.get_submodule(name)
-        prefix = f"{name}." if name else ""
-        parts = [prefix + attr for attr in (*module._parameters, *module._buffers, *module._modules)]
-        devices = {device_map.get(part, None) for part in parts}
-        if len(devices) == 1 and None not in devices:
-            for part in parts:
-                del device_map[part]
-            device_map[name] = devices.pop()  # type: ignore[assignment]
-    order = {name: i for i, name in enumerate(_module_and_tensor_order(model))}
-    return dict(sorted(device_map.items(), key=lambda item: order.get(item[0], -1)))
-
-
-def _module_and_tensor_order(model: nn.Module) -> list[str]:
-    names = []
+def _tensor_sizes(
+    model: nn.Module, dtype: torch.dtype | None, *, buffers: bool, params: bool
+) -> dict[str, int]:
+    sizes: dict[str, int] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
-        names.append(module_name)
         prefix = f"{module_name}." if module_name else ""
-        names += [prefix + attr for attr in (*module._parameters, *module._buffers)]
-    return names
+        tensors = [
+            *(module._parameters.items() if params else ()),
+            *(module._buffers.items() if buffers else ()),
+        ]
+        for attr, tensor in tensors:
+            if tensor is None:
+                continue
+            itemsize = (
+                dtype.itemsize if dtype is not None and tensor.is_floating_point() else tensor.element_size()
+            )
+            parts = (prefix + attr).split(".")
+            for depth in range(len(parts) + 1):
+                key = ".".join(parts[:depth])
+                sizes[key] = sizes.get(key, 0) + tensor.numel() * itemsize
+    return sizes
 
 
-def _max_layer_size(model: nn.Module, sizes: Mapping[str, int], planner: _Planner) -> int:
-    """Size of the largest piece the planner will never split (a no-split block, a leaf or a tensor)."""
-    largest = 0
-    stack: list[tuple[str, nn.Module | None]] = [("", model)]
-    while stack:
-        name, module = stack.pop()
-        if module is not None and planner.splittable(module):
-            stack.extend(planner.children(name, module))
+def _budget_text(memory: Mapping[Device, int]) -> str:
+    return ", ".join(f"{device!r}: {format_size(size)}" for device, size in memory.items())
+
+
+def _plan(
+    info: _Model, memory: Mapping[Device, int], reserves: Mapping[Device, int], fallback: bool
+) -> DeviceMap:
+    """One in-order fill of ``memory`` less ``reserves``; raises `NotEnoughMemory` when it cannot hold the model."""
+    order = list(memory) + ([] if "disk" in memory else ["disk"])
+    slots = []
+    for device in order:
+        capacity = memory.get(device)
+        if capacity is not None:
+            capacity = max(0, capacity - reserves.get(device, 0))
+        if capacity != 0:
+            slots.append(Slot(device, capacity))
+    raw = Planner(info.model, info.sizes, info.no_split, info.tied, slots, fallback=fallback).run()
+    return flatten_device_map(info.model, raw)
+
+
+def _required_reserves(
+    info: _Model, device_map: DeviceMap, memory: Mapping[Device, int], offload_buffers: bool
+) -> dict[Device, int]:
+    """The room each device must keep for the layers ``device_map`` streams through it."""
+    used = set(device_map.values())
+    main = next((device for device in memory if device not in _STREAMED and device in used), "cpu")
+    streamed = ("disk",) if main == "cpu" else _STREAMED
+    offloaded = [name for name, device in device_map.items() if device in streamed]
+    need: dict[Device, int] = {}
+    if offloaded:
+        need[main] = max(info.largest_layer(name) for name in offloaded)
+        if not offload_buffers:
+            need[main] += sum(info.buffer_sizes.get(name, 0) for name in offloaded)
+    on_disk = [name for name, device in device_map.items() if device == "disk"]
+    if main != "cpu" and on_disk and "cpu" in memory:
+        need["cpu"] = max(info.largest_layer(name) for name in on_disk)
+    return need
+
+
+def _plan_with_reserves(
+    info: _Model, memory: Mapping[Device, int], *, fallback: bool, offload_buffers: bool, warn: bool = True
+) -> DeviceMap:
+    """Plan, then plan again keeping the room the plan's streamed layers need, until that room suffices.
+
+    The room only grows, starting from none, so the result keeps as much resident as the rules allow.
+    """
+    reserves: dict[Device, int] = {}
+    while True:
+        try:
+            device_map = _plan(info, memory, reserves, fallback)
+        except NotEnoughMemory as error:
+            raise not_enough_memory(info.sizes[""], error.placed, _budget_text(memory)) from None
+        need = _required_reserves(info, device_map, memory, offload_buffers)
+        if all(size <= reserves.get(device, 0) for device, size in need.items()):
+            if warn:
+                _warn_if_over_budget(need, memory)
+            return device_map
+        for device, size in need.items():
+            reserves[device] = max(reserves.get(device, 0), size)
+
+
+def _warn_if_over_budget(need: Mapping[Device, int], memory: Mapping[Device, int]) -> None:
+    over = {device: size for device, size in need.items() if device in memory and size > memory[device]}
+    if over:
+        details = ", ".join(
+            f"{device!r} needs {format_size(size)} for its largest streamed layer but max_memory gives it "
+            f"{format_size(memory[device])}"
+            for device, size in over.items()
+        )
+        warnings.warn(
+            f"the plan streams layers larger than their device's budget ({details}); running the model will "
+            "use that much anyway. Raise max_memory, or split those layers (no_split_module_classes)",
+            DistribWarning,
+            stacklevel=4,
+        )
+
+
+def _gpus(memory: Mapping[Device, int]) -> list[Device]:
+    return [device for device in memory if device not in _STREAMED and memory[device] > 0]
+
+
+def _off_gpu_bytes(info: _Model, memory: Mapping[Device, int]) -> int:
+    try:
+        device_map = _plan_with_reserves(info, memory, fallback=False, offload_buffers=True, warn=False)
+    except DeviceMapError:
+        return info.sizes[""]
+    return sum(info.sizes.get(name, 0) for name, device in device_map.items() if device in _STREAMED)
+
+
+def _smallest_first_gpu_budget(info: _Model, memory: dict[Device, int], first: Device) -> int:
+    """The least budget on ``first`` that keeps as much of the model on the GPUs as its full budget."""
+    best = _off_gpu_bytes(info, memory)
+    low, high = 0, memory[first]
+    while low < high:
+        middle = (low + high) // 2
+        if _off_gpu_bytes(info, {**memory, first: middle}) <= best:
+            high = middle
         else:
-            largest = max(largest, sizes.get(name, 0))
-    return largest
+            low = middle + 1
+    return low
 
 
-def _slots(memory: dict[Device, int], strategy: str, total: int, reserve: int) -> list[_Slot]:
-    """Devices in filling order with their limits; with ``reserve``, the main device keeps that room."""
-    gpus = [d for d in memory if isinstance(d, int)]
-    if strategy == "balanced_low_0" and len(gpus) > 1:
-        gpus = [*gpus[1:], gpus[0]]
-    order: list[Device] = [*gpus, *(d for d in memory if not isinstance(d, int))]
-    if "disk" not in memory:
-        order.append("disk")
-    slots = [_Slot(d, memory.get(d)) for d in order]
-    if reserve:
-        main = min(gpus) if gpus else "cpu"
-        for slot in slots:
-            if slot.device == main and slot.capacity is not None:
-                slot.capacity = max(0, slot.capacity - reserve)
-    else:
-        spread = {"auto": gpus if len(gpus) > 1 else [], "balanced": gpus, "balanced_low_0": gpus[:-1]}
-        targets = spread.get(strategy, [])
-        for i, slot in enumerate(slots[: max(0, len(targets) - 1)]):
-            slot.target = math.ceil(total * (i + 1) / len(targets))
-    return [slot for slot in slots if slot.capacity != 0]
+def _balanced_loads(
+    info: _Model, memory: Mapping[Device, int], gpus: list[Device]
+) -> dict[Device, int] | None:
+    """Bytes per GPU when the model is spread evenly over ``gpus`` in whole layers; None if it spills."""
+    total = info.sizes[""]
+    slots = [
+        Slot(gpu, memory[gpu], target=math.ceil(total * (i + 1) / len(gpus))) for i, gpu in enumerate(gpus)
+    ]
+    slots[-1].target = None
+    try:
+        Planner(info.model, info.sizes, info.no_split, info.tied, slots).run()
+    except NotEnoughMemory:
+        return None
+    return {slot.device: slot.used for slot in slots}
 
 
-def _offloads(device_map: DeviceMap, memory: dict[Device, int]) -> bool:
-    """True when some layers will be streamed to the main device (from RAM or from disk)."""
-    streamed = ("cpu", "disk") if any(isinstance(d, int) for d in memory) else ("disk",)
-    return any(device in streamed for device in device_map.values())
+def _balanced_memory(info: _Model, memory: dict[Device, int], low_zero: bool) -> dict[Device, int]:
+    gpus = _gpus(memory)
+    if low_zero and len(gpus) > 1:
+        first_budget = _smallest_first_gpu_budget(info, memory, gpus[0])
+        memory = {**memory, gpus[0]: first_budget}
+        if first_budget:
+            return memory  # the other GPUs are full: nothing left to balance
+        gpus = gpus[1:]
+    if len(gpus) < 2 or info.sizes[""] > sum(memory[gpu] for gpu in gpus):
+        return memory
+    loads = _balanced_loads(info, memory, gpus)
+    if loads is None:
+        return memory
+    return {**memory, **{gpu: min(memory[gpu], loads[gpu]) for gpu in gpus[:-1]}}
+
+
+def get_balanced_memory(
+    model: nn.Module,
+    max_memory: Mapping[object, int | str] | None = None,
+    no_split_module_classes: NoSplitClasses | None = None,
+    dtype: torch.dtype | str | None = None,
+    low_zero: bool = False,
+) -> dict[Device, int]:
+    """A ``max_memory`` whose GPU budgets make an in-order plan spread ``model`` evenly over the GPUs.
+
+    When the model fits on the GPUs, each GPU but the last is capped at its share of the model in whole
+    layers (the last keeps its budget); otherwise the budgets come back unchanged. With ``low_zero``,
+    GPU 0 gets as little as possible (nothing when the other GPUs hold the model), leaving it room for
+    generation. `infer_auto_device_map` with ``strategy="balanced"`` (or ``"balanced_low_0"``) plans
+    exactly as ``strategy="sequential"`` does with this budget. Example::
+
+        budget = get_balanced_memory(model, {0: "10GiB", 1: "10GiB", "cpu": "30GiB"}, ["Block"])
+        # {0: 3221225472, 1: 10737418240, 'cpu': 32212254720}: a 6 GiB model, 3 GiB per GPU
+    """
+    info = _Model.of(model, no_split_module_classes, dtype)
+    return _balanced_memory(info, get_max_memory(max_memory), low_zero)
 
 
 def infer_auto_device_map(
     model: nn.Module,
     max_memory: Mapping[object, int | str] | None = None,
-    no_split_module_classes: NoSplit | None = None,
+    no_split_module_classes: NoSplitClasses | None = None,
     dtype: torch.dtype | str | None = None,
     strategy: Strategy = "auto",
+    *,
+    offload_buffers: bool = False,
+    fallback_allocation: bool = False,
 ) -> DeviceMap:
-    """Plan where each part of ``model`` goes: GPUs first, then "cpu", then "disk".
+    """Plan where each part of ``model`` goes: GPUs first, then "cpu", then "disk". Returns a flat map.
 
     Pure: reads only module sizes and ``max_memory`` (measured with `get_max_memory` when None), so it
-    works on a model built with `init_empty_weights` and with fake GPUs in ``max_memory``. Modules are
-    kept in model order and split into children only when they do not fit; classes in
+    works on a model built with `init_empty_weights` and with fake GPUs in ``max_memory``. Modules keep
+    model order and are split into children only when they do not fit; classes in
     ``no_split_module_classes`` (names or types, e.g. ``["LlamaDecoderLayer"]``) are never split, and
-    tied parameters stay on one device. When the model does not fit on the GPUs (or, without GPUs, in
-    RAM), the main device keeps room for the largest layer, which offloaded layers are streamed into.
-    "disk" is unlimited unless ``max_memory`` names it.
+    tied parameters stay on one device. When layers must be offloaded, the main device (GPU 0, or the
+    CPU without GPUs) keeps room for the largest layer that is offloaded, since each is streamed there
+    while it runs; the buffers of offloaded layers stay there too unless ``offload_buffers=True``.
+    "disk" is unlimited unless ``max_memory`` names it. The map is flat: no entry lies inside another.
 
     ``strategy``: "sequential" fills GPU 0, then GPU 1, ...; "balanced" spreads the model evenly over
-    the GPUs; "balanced_low_0" does the same but fills GPU 0 last, leaving it room for generation;
-    "auto" is "balanced" with several GPUs, else "sequential". Example::
+    the GPUs (budgets from `get_balanced_memory`); "balanced_low_0" does the same but keeps GPU 0 as
+    empty as possible, leaving it room for generation; "auto" is "balanced" with several GPUs, else
+    "sequential". ``fallback_allocation=True`` lets a device that would stay empty (its next layer is
+    too big) take a later piece that fits. Example::
 
         with init_empty_weights():
             model = MyModel()
@@ -229,20 +289,8 @@ def infer_auto_device_map(
     if strategy not in STRATEGIES:
         raise DeviceMapError(f"strategy={strategy!r} is not one of {', '.join(map(repr, STRATEGIES))}")
     memory = get_max_memory(max_memory)
-    sizes = compute_module_sizes(model, dtype)
-    names = [c for c in no_split_module_classes or () if isinstance(c, str)]
-    classes = tuple(c for c in no_split_module_classes or () if isinstance(c, type))
-    tied = tied_parameter_names(model)
-
-    def plan(reserve: int) -> DeviceMap:
-        slots = _slots(memory, strategy, sizes[""], reserve)
-        budget = ", ".join(f"{device!r}: {format_size(size)}" for device, size in memory.items())
-        return _Planner(model, sizes, (names, classes), tied, slots, budget=budget).run()
-
-    device_map = plan(reserve=0)
-    if _offloads(device_map, memory):
-        # Offloaded layers are brought to the main device one at a time: plan again keeping room there
-        # for the largest one (and without balancing: the GPUs are full anyway).
-        layer = _max_layer_size(model, sizes, _Planner(model, sizes, (names, classes), tied, []))
-        device_map = plan(reserve=layer)
-    return device_map
+    info = _Model.of(model, no_split_module_classes, dtype)
+    balanced = strategy in ("balanced", "balanced_low_0") or (strategy == "auto" and len(_gpus(memory)) > 1)
+    if balanced:
+        memory = _balanced_memory(info, memory, low_zero=strategy == "balanced_low_0")
+    return _plan_with_reserves(info, memory, fallback=fallback_allocation, offload_buffers=offload_buffers)

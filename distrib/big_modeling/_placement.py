@@ -2,7 +2,9 @@
 
 A device map is ``{name: device}`` where a name is a module or tensor of the model ("" is the whole
 model). A tensor is placed by the longest name in the map that is a prefix of its own name, so a more
-specific entry overrides its parent's.
+specific entry given by a user overrides its parent's. Maps that distrib hands out (planned maps,
+``model.hf_device_map``) are *flat*: `flatten_device_map` rewrites any valid map so that no entry lies
+inside another, and a module whose tensors all share one device is a single entry.
 """
 
 from __future__ import annotations
@@ -193,3 +195,54 @@ def check_devices_exist(device_map: Mapping[str, Device]) -> None:
                 f"device_map puts {name!r} on GPU {device}, but this process sees {count} CUDA device(s); "
                 "use 'cpu' or 'disk' for it, or check CUDA_VISIBLE_DEVICES"
             )
+
+
+def _devices_below(model: nn.Module, placements: Mapping[str, Device]) -> dict[str, set[Device]]:
+    """For every module name, the devices its tensors (tied names included) are placed on."""
+    below: dict[str, set[Device]] = {name: set() for name, _ in model.named_modules(remove_duplicate=False)}
+    for tensor, device in placements.items():
+        parts = tensor.split(".")
+        for depth in range(len(parts)):
+            below.setdefault(".".join(parts[:depth]), set()).add(device)
+    return below
+
+
+def flatten_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> DeviceMap:
+    """The same placement as ``device_map``, written flat: no entry is a module inside another entry.
+
+    A module whose tensors all go to one device is one entry; a module whose tensors are spread is
+    replaced by its own tensors and its children, recursively. Modules that hold no tensors keep the
+    device the map gives them (and are left out when it gives none). Entries come in model order.
+    Example::
+
+        flatten_device_map(model, {"": "cpu", "head": "disk"})
+        # {'embed': 'cpu', 'blocks': 'cpu', 'head': 'disk'}
+    """
+    placements = tensor_placements(model, device_map)
+    below = _devices_below(model, placements)
+    flat: DeviceMap = {}
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        devices = below.get(name, set())
+        if len(devices) <= 1:
+            device = next(iter(devices)) if devices else lookup(device_map, name)
+            if device is not None:
+                flat[name] = device
+            continue
+        prefix = f"{name}." if name else ""
+        for attr, value in (*module._parameters.items(), *module._buffers.items()):
+            if value is not None:
+                flat[prefix + attr] = placements[prefix + attr]
+        stack.extend(reversed([(prefix + c, m) for c, m in module._modules.items() if m is not None]))
+    return flat
+
+
+def is_flat(device_map: Mapping[str, object]) -> bool:
+    """True when no entry of ``device_map`` lies inside another entry (``""`` contains everything)."""
+    names = set(device_map)
+    for name in names:
+        parts = name.split(".") if name else []
+        if any(".".join(parts[:depth]) in names for depth in range(len(parts))):
+            return False
+    return True

@@ -1,4 +1,8 @@
-"""Peak memory of streaming loads, measured in a fresh process: RAM stays near the budget plus one shard."""
+"""Peak memory of streaming loads and offloaded forwards, measured in a fresh process.
+
+The goal: RAM within the budget plus one layer (the layer prefetched while another runs; the budget itself
+keeps room for the running one), whatever the model's size.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ DIM, NUM_BLOCKS, BLOCKS_PER_SHARD = 2048, 10, 2
 MiB = 2**20
 BLOCK_BYTES = 2 * (DIM * DIM + DIM) * 4  # two Linear(DIM, DIM) in fp32: ~32 MiB
 MODEL_BYTES = NUM_BLOCKS * BLOCK_BYTES  # ~320 MiB
-SHARD_BYTES = BLOCKS_PER_SHARD * BLOCK_BYTES  # ~64 MiB
 BUDGET = 100 * MiB
 
 CHILD = textwrap.dedent(
@@ -77,7 +80,7 @@ def write_checkpoint(folder: Path) -> float:
 @pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(), reason="measures peak RSS through Linux /proc"
 )
-def test_peak_rss_stays_near_the_budget_plus_one_shard(tmp_path):
+def test_peak_rss_stays_within_the_budget_plus_one_layer(tmp_path):
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     expected = write_checkpoint(checkpoint)
@@ -86,8 +89,10 @@ def test_peak_rss_stays_near_the_budget_plus_one_shard(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["checksum"] == pytest.approx(expected, rel=1e-4)
-    limit = BUDGET + SHARD_BYTES + 32 * MiB  # the budget, one shard's mapped pages, slack
-    assert measured["load"] < limit, f"load grew RSS by {measured['load'] / MiB:.0f} MiB"
+    slack = 24 * MiB  # the interpreter's own allocations, activations
+    assert measured["load"] < BUDGET + slack, f"load grew RSS by {measured['load'] / MiB:.0f} MiB"
+    limit = BUDGET + BLOCK_BYTES + slack  # the budget plus the one layer read ahead
     assert measured["peak"] < limit, f"forward grew RSS by {measured['peak'] / MiB:.0f} MiB"
     assert 0 < measured["resident"] <= BUDGET - BLOCK_BYTES  # part in RAM, room kept for one streamed block
-    assert max(3 * BUDGET, limit) < MODEL_BYTES  # the model really is several times the budget
+    assert 3 * BUDGET < MODEL_BYTES  # the model really is several times the budget
+    assert not list((tmp_path / "offload").glob("*.dat"))  # disk layers were read from the checkpoint
