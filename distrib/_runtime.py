@@ -42,6 +42,7 @@ class TrainingState:
     # for the first-step checks (`_guards.py`): parameters strategies replaced, and whether backward() ran
     retired_params: dict[int, Any] = field(default_factory=dict)
     used_backward: bool = False
+    in_accumulate: bool = False  # inside a `with accumulate(...)` block (save_state refuses to run there)
     closing_backwards: int = 0  # backward() calls that closed a window (the replica check's clock)
     # after load_state: the optimizer step resumed from, and what to tell (trackers rewind their records)
     resumed_step: int | None = None

@@ -95,6 +95,7 @@ class _Accumulate:
         if state.micro_step == 0:
             state.window_size = _window_size(state, runtime.settings.gradient_accumulation_steps)
         state.micro_step += 1
+        state.in_accumulate = True
         loader = state.active_dataloader
         at_end = loader is not None and getattr(loader, "end_of_dataloader", False)
         state.sync_gradients = sync = state.micro_step >= state.window_size or at_end
@@ -104,6 +105,7 @@ class _Accumulate:
 
     def __exit__(self, *exc: object) -> None:
         state = self._runtime.state
+        state.in_accumulate = False
         try:
             if self._skip is not None:
                 self._skip.__exit__(*exc)  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from . import _faults, _layout
 from ._files import fsync_dir, temp_sibling
 from ._io import os_error
 from ._manifest import build, describe_unrecorded, list_files, write_manifest
+from ._objects import window_position
 from ._sync import run_on_every_rank
 
 if TYPE_CHECKING:
@@ -59,7 +60,8 @@ def make_plan(runtime: Runtime, path: str | os.PathLike[str] | None) -> Plan | N
         root = project_root(runtime, "save_state")
         _mkdir(root)
         _layout.remove_leftovers(root)
-        final = _layout.new_checkpoint_path(root, runtime.state.optimizer_steps)
+        micro_step, _ = window_position(runtime.state)
+        final = _layout.new_checkpoint_path(root, runtime.state.optimizer_steps, micro_step)
         rotate_root: Path | None = root
     else:
         final = Path(path).absolute()

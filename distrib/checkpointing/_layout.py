@@ -35,7 +35,7 @@ CHECKPOINTS_DIR = "checkpoints"
 TEMP_PREFIX = ".tmp"
 TRASH_PREFIX = ".trash"
 OLD_PREFIX = ".old"
-_NAME = re.compile(r"step_(\d+)(?:_(\d+))?")
+_NAME = re.compile(r"step_(\d+)(?:-micro_\d+)?(?:_(\d+))?")
 #: whether to try the atomic exchange of directories (tests turn it off to check the fallback)
 USE_EXCHANGE = True
 
@@ -94,9 +94,10 @@ def next_counter(root: Path) -> int:
     return max((c for c in counters if c is not None), default=-1) + 1
 
 
-def new_checkpoint_path(root: Path, step: int) -> Path:
-    """`root/step_<step:06d>`, with a `_<n>` suffix when that name is taken."""
-    base = f"step_{step:06d}"
+def new_checkpoint_path(root: Path, step: int, micro_step: int = 0) -> Path:
+    """`root/step_<step:06d>`, or `step_<step:06d>-micro_<k>` for a checkpoint taken after micro-batch k of
+    an accumulation window that has not closed yet; with a `_<n>` suffix when that name is taken."""
+    base = f"step_{step:06d}" + (f"-micro_{micro_step}" if micro_step else "")
     path, n = root / base, 0
     while path.exists():
         n += 1

@@ -78,6 +78,13 @@ def save_state(
                 # or: handle = save_state(background=True); ...; handle.wait()
     """
     runtime = current("save_state")
+    if runtime.state.in_accumulate:
+        raise CheckpointError(
+            "save_state() was called inside `with accumulate(...)`, where the micro-batch's backward may or "
+            "may not have run yet, so the checkpoint could not say where the window stands. Call it after "
+            "the block (between micro-batches, or after optimizer.step()): a checkpoint taken in the middle of "
+            "a window keeps the gradients accumulated so far and is named step_<N>-micro_<k>."
+        )
     saver = _background.saver(runtime)
     saver.settle()  # at most one save in flight; its error surfaces here if nobody saw it
     if background is None:

@@ -300,3 +300,27 @@ def test_parse_size() -> None:
     assert parse_size(123) == 123
     with pytest.raises(CheckpointError, match="cannot read the size"):
         parse_size("ten gigs")
+
+
+def test_mid_window_saves_are_named_after_the_micro_step_and_saves_inside_accumulate_are_refused(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from distrib import accumulate, backward, distributed, prepare, save_state
+    from distrib.errors import CheckpointError
+
+    with distributed(cpu=True, project_dir=str(tmp_path), gradient_accumulation_steps=4):
+        model = torch.nn.Linear(2, 1)
+        loader = DataLoader(TensorDataset(torch.randn(16, 2)), batch_size=2)
+        model, optimizer, loader = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
+        names = []
+        for i, (x,) in enumerate(loader):
+            with accumulate(model):
+                backward(model(x).sum())
+                optimizer.step()
+                optimizer.zero_grad()
+                if i == 0:
+                    with pytest.raises(CheckpointError, match="inside `with accumulate"):
+                        save_state()
+            if i in (1, 3, 5):
+                names.append(save_state().name)
+    assert names == ["step_000000-micro_2", "step_000001", "step_000001-micro_2"]
