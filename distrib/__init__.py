@@ -87,6 +87,7 @@ _EXPORTS: dict[str, str] = {
     "SaveHandle": "checkpointing",
     "load_state": "checkpointing",
     "save_model": "checkpointing",
+    "get_state_dict": "checkpointing",
     "save": "checkpointing",
     "register_for_checkpointing": "checkpointing",
     "register_save_state_pre_hook": "checkpointing",
@@ -200,6 +201,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .checkpointing import (
         SaveHandle,
+        get_state_dict,
         load_state,
         register_for_checkpointing,
         register_load_state_pre_hook,

@@ -99,11 +99,6 @@ def _data(ctx: Any, args: argparse.Namespace) -> str | None:
     return None
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    full = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 DTensor
-    return full.detach().float().cpu()
-
-
 def _train_reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, step_size: int) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for start in range(0, len(x), step_size):
@@ -136,24 +131,26 @@ def _training(ctx: Any, args: argparse.Namespace) -> str | None:
             optimizer.step()
             optimizer.zero_grad()
     tolerance = 1e-4 if ctx.mixed_precision == "no" else 5e-2
-    for (name, got), want in zip(distrib.unwrap_model(model).named_parameters(), reference.parameters()):
-        got_full = _full(got)
-        if got_full.shape != want.shape:
-            return None  # parameters sharded in a way this check cannot reassemble (e.g. ZeRO-3)
-        error = (got_full - want.detach()).abs().max().item()
-        if not error <= tolerance:
-            return f"parameter {name!r} differs from one-process training by {error:.2e} (tolerance {tolerance:g})"
-    return None
+    state = distrib.get_state_dict(model)  # gathered by the strategy (FSDP2 shards, ZeRO-3 partitions)
+    problem = None
+    if state is not None:
+        for name, want in reference.state_dict().items():
+            error = (state[name].float() - want).abs().max().item()
+            if not error <= tolerance:
+                problem = f"{name!r} differs from one-process training by {error:.2e} (tolerance {tolerance:g})"
+                break
+    return distrib.broadcast_object_list([problem])[0]
 
 
 @check("mixed precision")
 def _mixed_precision(ctx: Any, args: argparse.Namespace) -> str | None:
-    expected = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+    # the strategy's precision plan says whether it autocasts (DeepSpeed casts its weights instead)
+    expected = ctx.precision.autocast_dtype or torch.float32
     a = torch.randn(8, 8, device=ctx.device)
     with distrib.autocast():
         out = a @ a
-    if out.dtype != expected[ctx.mixed_precision]:
-        return f"a matmul under mixed_precision={ctx.mixed_precision!r} gave {out.dtype}"
+    if out.dtype != expected:
+        return f"a matmul under mixed_precision={ctx.mixed_precision!r} gave {out.dtype}, expected {expected}"
     if not torch.isfinite(out.float()).all():
         return "a matmul under autocast gave non-finite values"
     return None

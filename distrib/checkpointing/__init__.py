@@ -18,12 +18,13 @@ from ._hooks import (
     register_save_state_pre_hook,
 )
 from ._layout import latest_checkpoint
-from ._model import save, save_model
+from ._model import get_state_dict, save, save_model
 from ._state import load_state, save_state
 
 __all__ = [
     "HookHandle",
     "SaveHandle",
+    "get_state_dict",
     "latest_checkpoint",
     "load_state",
     "register_for_checkpointing",

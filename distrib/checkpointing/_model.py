@@ -56,6 +56,22 @@ def save_model(
     return directory
 
 
+def get_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The prepared model's complete, unwrapped state dict (unsharded, on the CPU) on the main process, and
+    None on the others. Call it on every rank: under FSDP2 and ZeRO-3 the shards are gathered. Example::
+
+        state = get_state_dict(model)
+        if state is not None:
+            torch.save(state, "weights.pt")
+    """
+    runtime = current("get_state_dict")
+    state = runtime.strategy_module.full_state_dict(runtime, model)
+    if runtime.rank != 0:
+        return None
+    assert state is not None, "a strategy's full_state_dict() must return the state dict on rank 0"
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
 def write_weights(state: Mapping[str, Any], directory: Path, max_bytes: int, safe: bool) -> list[str]:
     """Write a state dict as one file or as shards plus an index; returns the file names written."""
     directory.mkdir(parents=True, exist_ok=True)
