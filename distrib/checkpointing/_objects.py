@@ -1,7 +1,8 @@
 """Everything in a checkpoint besides models, optimizers and random states.
 
 * `training_state.json`: step counters (with the position in the accumulation window) and each prepared
-  dataloader's position (epoch, batches yielded, shuffling seed);
+  dataloader's global position (seed, epoch, samples consumed of the epoch's order, padding, how they
+  were dealt; see `distrib/_data/position.py`);
 * `scheduler_{i}.pt`, `custom_{i}.pt` (objects given to `register_for_checkpointing`): their state dicts,
   saved with `torch.save` and read with `torch.load(weights_only=True)` unless the caller opts out;
 * `scaler.json`: the fp16 gradient scaler;
@@ -83,8 +84,7 @@ def load_objects(runtime: Runtime, directory: Path, *, weights_only: bool) -> No
     if state.scaler is not None:
         state.scaler.load_state_dict(json.loads((directory / SCALER).read_text(encoding="utf-8")))
     counters = json.loads((directory / TRAINING_STATE).read_text(encoding="utf-8"))
-    for loader, position in zip(state.dataloaders, counters["dataloaders"]):
-        loader.load_state_dict(position)
+    _restore_dataloaders(state, counters["dataloaders"])
     state.optimizer_steps = int(counters["optimizer_steps"])
     state.optimizer_step_skipped = bool(counters["optimizer_step_skipped"])
     state.micro_step = int(counters["micro_step"])
@@ -92,6 +92,16 @@ def load_objects(runtime: Runtime, directory: Path, *, weights_only: bool) -> No
     state.sync_gradients = state.micro_step == 0
     if state.micro_step:
         _load_gradients(runtime, directory, counters)
+
+
+def _restore_dataloaders(state: TrainingState, positions: list[dict[str, Any]]) -> None:
+    """Put every prepared dataloader back at its global position (distrib/_data/position.py). On another
+    number of processes a loader may change the run's accumulation steps to keep its global batch: each
+    load decides that afresh."""
+    state.gradient_accumulation_steps = None
+    state.extensions.pop("data.accumulation_changed_by", None)
+    for loader, position in zip(state.dataloaders, positions):
+        loader.load_state_dict(position)
 
 
 def _counters(state: TrainingState) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,8 +12,8 @@ import torch
 
 from .._runtime import current
 from .._version import __version__
-from ..errors import CheckpointError, CheckpointMismatchError, DistribWarning
-from . import _layout, _rng
+from ..errors import CheckpointError, CheckpointMismatchError
+from . import _fingerprint, _layout, _rng
 from ._files import fsync_dir, temp_sibling
 from ._manifest import Verify, read_manifest, verify_files, write_manifest
 from ._objects import check_contents, contents, load_objects, save_objects
@@ -108,6 +107,7 @@ def _check_replaceable(final: Path) -> None:
 
 def _write(runtime: Runtime, directory: Path) -> None:
     _rng.save_rng(directory, runtime.rank)  # first: hooks and writers must not disturb the saved state
+    _fingerprint.record(runtime, directory)  # what the run does next, checked after load_state
     state = runtime.state
     for hook in list(state.save_hooks):
         hook(list(state.models), directory)
@@ -202,8 +202,11 @@ def _load(runtime: Runtime, directory: Path, manifest: dict[str, Any], weights_o
         hook(list(state.models), directory)
     runtime.strategy_module.load_training_state(runtime, directory)
     load_objects(runtime, directory, weights_only=weights_only)
-    if _rng.has_rng(directory, runtime.rank):
-        _rng.load_rng(directory, runtime.rank)  # last, so that nothing above consumes random numbers
+    saved_world_size = int(manifest.get("world_size", runtime.world_size))
+    # last, so that nothing above consumes random numbers; a rank that did not exist at save time takes
+    # the states of rank (rank % saved world size)
+    _rng.load_rng(directory, _fingerprint.rng_source_rank(runtime.rank, saved_world_size))
+    _fingerprint.verify(runtime, directory, saved_world_size)
 
 
 def _check_world_size(runtime: Runtime, manifest: dict[str, Any]) -> None:
@@ -216,12 +219,4 @@ def _check_world_size(runtime: Runtime, manifest: dict[str, Any]) -> None:
             f"and strategy {runtime.strategy!r} can only load it with the same number; this run has "
             f"{runtime.world_size}. Relaunch with {saved} processes (e.g. --num-processes {saved}); the "
             "single, ddp and fsdp strategies load checkpoints at any world size."
-        )
-    if runtime.rank == 0:
-        warnings.warn(
-            f"loading a checkpoint saved by {saved} processes into {runtime.world_size}: models and "
-            "optimizers are restored exactly, but ranks without a saved random state keep their own, and "
-            "dataloader positions count batches of the old world size.",
-            DistribWarning,
-            stacklevel=4,
         )

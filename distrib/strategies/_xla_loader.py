@@ -47,7 +47,7 @@ class XLADeviceLoader:
     def __iter__(self) -> Iterator[Any]:
         state = self.runtime.state
         previous = state.active_dataloader
-        self._start = getattr(self.loader, "_skip", 0) or 0  # batches skipped by a resume
+        self._start = self.loader.next_start_batch  # batches passed over by a resume
         total = self._total()
         self.end_of_dataloader = False
         try:
@@ -71,15 +71,13 @@ class XLADeviceLoader:
         total = self._total()
         return None if total is None else total - self.batches_yielded + 1
 
-    def state_dict(self) -> dict[str, int]:
-        """The wrapped loader's position, corrected to the batches the loop has actually received."""
-        state = dict(self.loader.state_dict())
-        state["batches_yielded"] = self.batches_yielded
-        return state
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped loader's position, at the batches the loop has actually received."""
+        return dict(self.loader.state_dict(batches_yielded=self.batches_yielded))
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
-        self.batches_yielded = int(state.get("batches_yielded", 0))
+        self.batches_yielded = self.loader.next_start_batch
 
     def __getattr__(self, name: str) -> Any:
         if name == "loader":
