@@ -80,8 +80,9 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
         self._user_generator = source.generator
         settings = runtime.settings
         self._script = Script(source.batch_size, settings.gradient_accumulation_steps, settings.split_batches)
-        if shard.epoch_order is not None:
-            object.__setattr__(self, "sampler", shard.epoch_order.source)  # the user's sampler, read-only
+        if shard.epoch_order is not None and self.batch_sampler is not None:
+            # the user's sampler, read-only (without automatic batching DataLoader iterates .sampler itself)
+            object.__setattr__(self, "sampler", source.sampler)
 
     # -- geometry -------------------------------------------------------------------------------------
     def _per_rank(self) -> int:
