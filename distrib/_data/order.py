@@ -193,6 +193,27 @@ class EpochOrder:
         return digest([x for g in self.user_generators for x in g.get_state().tolist()])
 
 
+class OrderAgreement:
+    """Called with each epoch's order of a sampler distrib does not control (rule 4): the ranks compare
+    digests (one small all_gather per epoch) and all raise `DataError` when they drew different orders."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def __call__(self, order: list[Any]) -> None:
+        values = all_values(self.runtime, digest(order))
+        if len(set(values)) == 1:
+            return
+        differing = [rank for rank, value in enumerate(values) if value != values[0]]
+        raise DataError(
+            f"the ranks drew different sample orders from the DataLoader's sampler (ranks {differing} differ "
+            "from rank 0), so they would train on overlapping data and miss the rest. The sampler draws "
+            "from a random source distrib does not seed the same way on every rank: give it a "
+            "`generator` attribute (distrib seeds it per epoch when it is None), a set_epoch(epoch) "
+            "method that fixes its order, or set the seed setting if it uses the global generators."
+        )
+
+
 def _can_set(obj: Any, name: str, value: Any = None) -> bool:
     try:
         setattr(obj, name, value if value is not None else getattr(obj, name))

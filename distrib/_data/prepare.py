@@ -22,7 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..errors import PrepareError
 from .dispatch import DispatchedDataLoader
 from .loader import PreparedDataLoader, loader_arguments
-from .order import EpochOrder, all_values
+from .order import EpochOrder, OrderAgreement, all_values
 from .sharding import (
     GlobalBatchCutter,
     ShardedBatchSampler,
@@ -51,8 +51,11 @@ def prepare_dataloader(runtime: Runtime, loader: DataLoader, seed: int) -> DataL
     else:
         prepared = _map_style(runtime, loader, seed)
     order = prepared.shard.epoch_order
-    if order is not None and order.user_generators and runtime.world_size > 1:
-        _check_generators_agree(runtime, order)
+    if order is not None and runtime.world_size > 1 and not isinstance(prepared, DispatchedDataLoader):
+        if order.user_generators:
+            _check_generators_agree(runtime, order)
+        if not order.controlled:
+            prepared.shard.order_check = OrderAgreement(runtime)
     return prepared
 
 

@@ -135,16 +135,26 @@ class _Shard:
     def __init__(self) -> None:
         self.start = 0  # units to pass over in the next iteration (a resume or skip_first_batches)
         self.first_check: FirstCheck | None = None
+        self.order_check: Callable[[list[Any]], None] | None = None  # ranks compare each epoch's order
+
+    def _draw(self) -> list[Any]:
+        assert self.epoch_order is not None
+        order = self.order = self.epoch_order.draw()
+        if self.order_check is not None:
+            self.order_check(order)
+        return order
 
     def num_units(self) -> int | None:
         return None
 
     def _checked(self, batches: Iterator[Any]) -> Iterator[Any]:
-        """`batches`, after running the pending first-batch check on the first of them."""
+        """`batches`, after running the pending first-batch check on the first of them (only after a
+        resume: otherwise `batches` itself, with no extra generator on the way)."""
         check, self.first_check = self.first_check, None
-        if check is None:
-            yield from batches
-            return
+        return batches if check is None else self._first_checked(batches, check)
+
+    @staticmethod
+    def _first_checked(batches: Iterator[Any], check: FirstCheck) -> Iterator[Any]:
         first = next(batches, None)
         check(first)
         if first is not None:
@@ -172,10 +182,9 @@ class ShardedBatchSampler(_Shard, Sampler[list[int]]):
         return self._batches(start)
 
     def _batches(self, start: int) -> Iterator[list[int]]:
-        assert self.epoch_order is not None
-        order = self.order = self.epoch_order.draw()
+        order = self._draw()
         yield from self._checked(self.cutter.cut(order, start))
-        self.epoch_order.finish()
+        self.epoch_order.finish()  # type: ignore[union-attr]
 
     def __len__(self) -> int:
         return self.cutter.num_batches(len(self.sampler))  # type: ignore[arg-type]
@@ -207,8 +216,7 @@ class ShardedCustomBatchSampler(_Shard, Sampler[Any]):
         return self._batches(start)
 
     def _batches(self, start: int) -> Iterator[Any]:
-        assert self.epoch_order is not None
-        order = self.order = self.epoch_order.draw()
+        order = self._draw()
         if order and not isinstance(order[0], (list, tuple)) and not torch.is_tensor(order[0]):
             raise PrepareError(
                 f"prepare() deals a DataLoader with batch_size=None out by the items its sampler yields, "
@@ -216,7 +224,7 @@ class ShardedCustomBatchSampler(_Shard, Sampler[Any]):
                 "the DataLoader a batch_size instead, or a sampler that yields batches of indices."
             )
         yield from self._checked(batches[0] for batches in self.cutter.cut(order, start))
-        self.epoch_order.finish()
+        self.epoch_order.finish()  # type: ignore[union-attr]
 
     @property
     def remainder(self) -> int | None:

@@ -305,3 +305,47 @@ def test_a_failure_on_the_dispatching_rank_reaches_every_rank() -> None:
     outcomes = run_ranks(_dispatch_failure_worker, 2, timeout=120)
     assert outcomes[0] == "ValueError: sample 9 is corrupt"
     assert outcomes[1].startswith("DataError: rank 0 failed to load the next batch (ValueError: sample 9")
+
+
+class GlobalShuffle(torch.utils.data.Sampler[int]):
+    """A custom sampler drawing from the global torch generator (no generator attribute of its own)."""
+
+    def __init__(self, n: int, private: bool = False) -> None:
+        import os
+        import random
+
+        self.n = n
+        self.private = random.Random(os.urandom(8)) if private else None
+
+    def __iter__(self):
+        if self.private is not None:
+            order = list(range(self.n))
+            self.private.shuffle(order)
+            return iter(order)
+        return iter(torch.randperm(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _custom_sampler_worker() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with distributed(seed=3):  # the seed setting seeds the global generators alike on every rank
+        loader = prepare(DataLoader(TensorDataset(torch.arange(16)), batch_size=2, sampler=GlobalShuffle(16)))
+        out["seen"] = sorted(v for (x,) in loader for v in gather(x).tolist())
+    with distributed():
+        loader = prepare(
+            DataLoader(TensorDataset(torch.arange(16)), batch_size=2, sampler=GlobalShuffle(16, True))
+        )
+        try:
+            list(loader)
+            out["private"] = "no error"
+        except Exception as e:  # reported to the test
+            out["private"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_ranks_that_draw_different_orders_stop_instead_of_overlapping() -> None:
+    for out in run_ranks(_custom_sampler_worker, 2, timeout=240):
+        assert out["seen"] == list(range(16)), "a sampler seeded alike on every rank is dealt exactly"
+        assert out["private"].startswith("DataError: the ranks drew different sample orders"), out["private"]
