@@ -124,10 +124,11 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
         """The global position of the next batch, for checkpoints (`position.py` describes the format).
 
         During an iteration that is the rest of the current epoch (empty after its last batch); after an
-        iteration ended, the start of the next epoch. `batches_yielded` overrides the count of batches the
-        loop has received (for wrappers that read ahead)."""
+        iteration ended, the start of the next epoch. `batches_yielded`, from a wrapper that reads ahead
+        (XLA), is the count of batches its loop has received in the current epoch."""
         order = self.shard.epoch_order
-        if self._iterating:
+        in_epoch = self._iterating or batches_yielded is not None
+        if in_epoch:
             done = (self.batches_yielded if batches_yielded is None else batches_yielded) - self.start_batch
             consumed, padding = self.shard.cutter.position(self._start, done, self._num_units())
             epoch, states = self.epoch, (order.epoch_states if order is not None else [])
@@ -146,12 +147,12 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
             trains=self._trains or self._stepped(),
             generators=[encode_state(s) for s in states],
             batches_yielded=self.batches_yielded if batches_yielded is None else batches_yielded,
-            samples_consumed=self._samples_in(consumed),
+            samples_consumed=self._samples_in(consumed) if in_epoch else None,
         ).to_dict()
 
     def _samples_in(self, consumed: int) -> int | None:
         order = self.shard.order
-        if self.shard.unit != "batches" or order is None or not self._iterating:
+        if self.shard.unit != "batches" or order is None:
             return None
         return sum(len(batch) for batch in order[:consumed])
 
@@ -241,16 +242,16 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
         self.start_batch = self._batches_before(units)
 
     # -- resume self-check (checkpointing/_fingerprint.py) -------------------------------------------------
-    def upcoming(self) -> dict[str, Any]:
+    def upcoming(self, batches_yielded: int | None = None) -> dict[str, Any]:
         """Where the next batch comes from, for the checkpoint's fingerprint: the epoch, the units consumed
         and the next global batch's units (`[]`: the epoch has no more; None: not known yet)."""
-        state = self.state_dict()
+        state = self.state_dict(batches_yielded)
         consumed = int(
             state["batches_consumed"] if "batches_consumed" in state else state["samples_consumed"]
         )
         upcoming: list[Any] | None = None
         order = self.shard.order
-        if self._iterating and order is not None:
+        if (self._iterating or batches_yielded is not None) and order is not None:
             upcoming = self.shard.cutter.global_batch(order, consumed)
         return {"epoch": state["epoch"], "consumed": consumed, "next": upcoming}
 
