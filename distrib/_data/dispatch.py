@@ -120,7 +120,7 @@ class DispatchedDataLoader(PreparedDataLoader):
 
     def _rank0_stream(self) -> Iterator[tuple[Any, bool] | None]:
         iterator = DataLoader.__iter__(self)
-        self.shard.start = 0  # workers took their copy of it when the iterator started them
+        self.shard.start = 0  # the new iterator has taken it (DataLoader may call iter() on it twice)
         batch = next(iterator, None)
         while batch is not None:
             upcoming = next(iterator, None)

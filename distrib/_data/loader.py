@@ -316,7 +316,7 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
         total = len(self) if self._has_len() else None
         count = self.start_batch
         iterator = super().__iter__()
-        self.shard.start = 0  # workers took their copy of it when the iterator started them
+        self.shard.start = 0  # the new iterator has taken it (DataLoader may call iter() on it twice)
         if total is None:
             yield from self._batches_with_lookahead(iterator, count)
             return

@@ -77,7 +77,13 @@ def plan_resume(
         note = None if per_rank == now.batch_size else _batch_note(saved, now, per_rank, name)
         return Plan(per_rank, None, note)
     if not trains:
-        return Plan(now.batch_size, None, None)
+        note = (
+            f"{name}: resuming a checkpoint saved by {saved.world_size} processes on {now.world_size}: no "
+            f"optimizer has stepped during its iterations (evaluation?), so it keeps the script's batch of "
+            f"{now.batch_size} per rank and its global batch goes from {saved.global_batch} to "
+            f"{now.global_batch} per step; its position in the data is exact."
+        )
+        return Plan(now.batch_size, None, note)
     accumulation = _whole(target, now.world_size * now.batch_size)
     if accumulation is not None:
         note = (

@@ -176,10 +176,10 @@ class ShardedBatchSampler(_Shard, Sampler[list[int]]):
         self.cutter = cutter
 
     def __iter__(self) -> Iterator[list[int]]:
-        # the start is taken when DataLoader calls iter(); the order is drawn at the first batch, as
-        # torch's samplers draw theirs (after the loader's iterator has drawn its base seed)
-        start, self.start = self.start, 0
-        return self._batches(start)
+        # the start is taken when DataLoader calls iter() (its iterator may call it twice; the prepared
+        # loader clears it once the iterator exists); the order is drawn at the first batch, as torch's
+        # samplers draw theirs (after the loader's iterator has drawn its base seed)
+        return self._batches(self.start)
 
     def _batches(self, start: int) -> Iterator[list[int]]:
         order = self._draw()
@@ -212,8 +212,7 @@ class ShardedCustomBatchSampler(_Shard, Sampler[Any]):
         self.cutter = GlobalBatchCutter(1, rank, world_size, False, even_batches)
 
     def __iter__(self) -> Iterator[Any]:
-        start, self.start = self.start, 0  # taken when DataLoader calls iter(), like ShardedBatchSampler
-        return self._batches(start)
+        return self._batches(self.start)  # taken when DataLoader calls iter(), like ShardedBatchSampler
 
     def _batches(self, start: int) -> Iterator[Any]:
         order = self._draw()

@@ -1,6 +1,7 @@
 """Resume on another number of processes (issue 13): train on 2 ranks, save mid-epoch and at an epoch's
-end, resume on 1, 3 (oversubscribed) and 4; every epoch covers the dataset exactly once and the final
-parameters equal a 1-process run with the same global batch. The same for FSDP2 2 -> 4 and 4 -> 2."""
+end, resume on 1, 3 (oversubscribed) and 4 (and 1 -> 3, 1 -> 4); every epoch covers the dataset exactly
+once and the final parameters equal a 1-process run with the same global batch. The same for FSDP2
+2 -> 4 and 4 -> 2."""
 
 from __future__ import annotations
 
@@ -99,13 +100,17 @@ def _resume_on_one(root: str) -> dict[str, Any]:
 
 def _resume_on_one_runs(root: str) -> dict[str, Any]:
     out = {f"A{step}": train(f"{root}/A", batch_size=6, resume=f"step{step}") for step in (2, 4, 5)}
-    out["reference"] = train(f"{root}/reference", batch_size=12)  # one process, the same global batch
+    # one process, the same global batch: the reference, and a checkpoint to resume on 3 and 4
+    out["reference"] = train(f"{root}/R", batch_size=12, save_at=(5,))
     return out
 
 
 def _resume_on_three(root: str) -> dict[str, Any]:
     with distributed():
-        out: dict[str, Any] = {"A5": train(f"{root}/A", batch_size=6, resume="step5")}
+        out: dict[str, Any] = {
+            "A5": train(f"{root}/A", batch_size=6, resume="step5"),
+            "R5": train(f"{root}/R", batch_size=12, resume="step5"),  # 1 -> 3
+        }
         try:
             train(f"{root}/C", batch_size=4, resume="step2")
             out["C2"] = "no error"
@@ -119,6 +124,7 @@ def _resume_on_four(root: str) -> dict[str, Any]:
         return {
             "A4": train(f"{root}/A", batch_size=6, resume="step4"),
             "B5": train(f"{root}/B", batch_size=3, accumulation=2, resume="step5"),
+            "R5": train(f"{root}/R", batch_size=12, resume="step5"),  # 1 -> 4
         }
 
 
@@ -159,6 +165,8 @@ def test_ddp_resumes_on_one_three_and_four_processes(tmp_path: Path) -> None:
         assert any("each rank's batch is now 12" in w for w in on_one[f"A{step}"]["warnings"])
     _check_resumed("2 -> 3", on_three["A5"], reference, 5)
     assert any("each rank's batch is now 4" in w for w in on_three["A5"]["warnings"])
+    _check_resumed("1 -> 3", on_three["R5"], reference, 5)
+    _check_resumed("1 -> 4", on_four["R5"], reference, 5)
     _check_resumed("2 -> 4", on_four["A4"], reference, 4)
     assert any("each rank's batch is now 3" in w for w in on_four["A4"]["warnings"])
     _check_resumed("2 -> 4, accumulation", on_four["B5"], reference, 5)

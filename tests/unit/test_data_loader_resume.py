@@ -324,3 +324,27 @@ def test_no_false_alarm_over_random_stop_points(tmp_path: Path):
             assert first + _case_run(directory, case, resume=True) == reference, (case, stop)
             checked += 1
     assert checked >= 12
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_resume_with_dataloader_workers(tmp_path: Path, persistent: bool):
+    """With workers, DataLoader asks the sampler for a new iterator twice while it starts; the resumed
+    position must survive that (the fingerprint caught it when it did not)."""
+
+    def make() -> Any:
+        data = TensorDataset(torch.arange(20))
+        return prepare(DataLoader(data, batch_size=2, shuffle=True, num_workers=2, persistent_workers=persistent))
+
+    with distributed(project_dir=str(tmp_path), seed=0):
+        loader = make()
+        epochs = [[x.tolist() for (x,) in loader] for _ in range(2)]
+        loader.set_epoch(1)
+        it = iter(loader)
+        next(it), next(it), next(it)
+        save_state()
+        del it
+    with distributed(project_dir=str(tmp_path), seed=0):
+        loader = make()
+        load_state()
+        assert [x.tolist() for (x,) in loader] == epochs[1][3:]
+        assert len([x for (x,) in loader]) == 10, "the next epoch is whole"

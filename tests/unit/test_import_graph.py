@@ -89,7 +89,7 @@ def _cycle() -> list[str] | None:
             if nxt == "distrib" or nxt not in MODULES:
                 continue  # the package root re-exports lazily; importing a submodule never needs it
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt) :] + [nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
