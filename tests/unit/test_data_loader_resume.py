@@ -333,7 +333,9 @@ def test_resume_with_dataloader_workers(tmp_path: Path, persistent: bool):
 
     def make() -> Any:
         data = TensorDataset(torch.arange(20))
-        return prepare(DataLoader(data, batch_size=2, shuffle=True, num_workers=2, persistent_workers=persistent))
+        return prepare(
+            DataLoader(data, batch_size=2, shuffle=True, num_workers=2, persistent_workers=persistent)
+        )
 
     with distributed(project_dir=str(tmp_path), seed=0):
         loader = make()
@@ -348,3 +350,22 @@ def test_resume_with_dataloader_workers(tmp_path: Path, persistent: bool):
         load_state()
         assert [x.tolist() for (x,) in loader] == epochs[1][3:]
         assert len([x for (x,) in loader]) == 10, "the next epoch is whole"
+
+
+def test_the_fingerprint_skips_gpus_this_process_cannot_see(tmp_path: Path):
+    """A GPU random state recorded at save time but not visible now (fewer GPUs, CUDA not initialised
+    yet) is not a mismatch; a CPU one that differs is."""
+    import json
+
+    from distrib import current
+    from distrib.checkpointing import _fingerprint
+
+    with distributed(project_dir=str(tmp_path), seed=0):
+        path = save_state()
+        document = json.loads((path / "fingerprint_0.json").read_text())
+        document["rng"]["cuda.0"] = "not-visible-here"
+        (path / "fingerprint_0.json").write_text(json.dumps(document))
+        _fingerprint.verify(current(), path, saved_world_size=1)
+        torch.rand(1)  # the torch generator moves on: now it differs from the recorded state
+        with pytest.raises(ResumeMismatchError, match="torch random state: expected hash"):
+            _fingerprint.verify(current(), path, saved_world_size=1)
