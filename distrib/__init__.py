@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "autocast": "_precision",
     # data
     "skip_first_batches": "_data.loader",
+    "sample_generator": "_data.order",
     # collectives
     "gather": "_collectives",
     "gather_object": "_collectives",
@@ -140,6 +141,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         wait_for_everyone,
     )
     from ._data.loader import skip_first_batches
+    from ._data.order import sample_generator
     from ._launch.notebook import debug_launcher, notebook_launcher
     from ._logging import get_logger
     from ._options import CompileOptions, DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions

@@ -14,7 +14,9 @@ def progress_bar(iterable: Iterable[Any] | None = None, **tqdm_kwargs: Any) -> A
 
     The other processes get a disabled bar that iterates just the same and prints nothing, so bars
     from several processes never interleave. Keywords go to `tqdm.auto.tqdm` (`total=`, `desc=`,
-    `disable=`, ...). Outside a scope it behaves as one process and shows the bar. Needs tqdm
+    `disable=`, ...). A prepared dataloader that `load_state` resumed mid-epoch starts the bar at the
+    resumed batch (`initial=`), so it ends at `len(loader)`. Outside a scope it behaves as one process and
+    shows the bar. Needs tqdm
     (`pip install 'distrib[tqdm]'`). Example::
 
         for batch in progress_bar(loader, desc="epoch 1"):
@@ -30,4 +32,8 @@ def progress_bar(iterable: Iterable[Any] | None = None, **tqdm_kwargs: Any) -> A
     runtime = current_or_none()
     shown = runtime is None or runtime.is_local_main_process
     tqdm_kwargs["disable"] = bool(tqdm_kwargs.get("disable", False)) or not shown
+    start = getattr(iterable, "next_start_batch", None)  # a prepared loader resumed mid-epoch
+    if isinstance(start, int) and start and "initial" not in tqdm_kwargs:
+        tqdm_kwargs["initial"] = start
+        tqdm_kwargs.setdefault("total", len(iterable))  # type: ignore[arg-type]
     return tqdm(iterable, **tqdm_kwargs)

@@ -33,6 +33,9 @@ class TrainingState:
     window_size: int = 1  # micro-batches in the current window (shorter at the end of a dataloader)
     optimizer_steps: int = 0
     optimizer_step_skipped: bool = False
+    # [data] set when load_state resumed on another number of processes and kept the global batch by
+    # changing the accumulation steps (distrib/_data/resume.py); None: the gradient_accumulation_steps setting
+    gradient_accumulation_steps: int | None = None
     active_dataloader: Any = None
     models: list[Any] = field(default_factory=list)
     optimizers: list[Any] = field(default_factory=list)
@@ -94,7 +97,9 @@ class Runtime:
 
     @property
     def gradient_accumulation_steps(self) -> int:
-        return self.settings.gradient_accumulation_steps
+        """Micro-batches per optimizer step: the setting, unless a resume on another number of processes
+        changed it to keep the global batch (see the checkpointing guide)."""
+        return self.state.gradient_accumulation_steps or self.settings.gradient_accumulation_steps
 
     @property
     def sync_gradients(self) -> bool:

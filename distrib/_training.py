@@ -93,7 +93,9 @@ class _Accumulate:
         runtime = self._runtime
         state = runtime.state
         if state.micro_step == 0:
-            state.window_size = _window_size(state, runtime.settings.gradient_accumulation_steps)
+            # [data] a resume on another number of processes may have changed the steps (TrainingState)
+            steps = state.gradient_accumulation_steps or runtime.settings.gradient_accumulation_steps
+            state.window_size = _window_size(state, steps)
         state.micro_step += 1
         state.in_accumulate = True
         loader = state.active_dataloader

@@ -8,6 +8,8 @@ Every error says what was wrong and what to do instead. The tree::
     ├── PrepareError (TypeError)      `prepare()` got something it cannot prepare
     ├── TrainingError (ValueError)    a training call was misused (e.g. backward on a non-scalar)
     ├── PrecisionError (ValueError)   the device cannot run the requested mixed precision
+    ├── DataError (RuntimeError)      a prepared DataLoader cannot deliver the data asked for (ranks drew
+    │                                 different orders, a call conflicts with the resumed position)
     ├── CollectiveError (RuntimeError) a collective was given inputs the ranks disagree on
     │   └── CollectiveMismatchError    ranks called different collectives (op, shapes, call site) or one left
     ├── MissingExtraError (ImportError) an optional dependency is not installed
@@ -47,6 +49,11 @@ class TrainingError(DistribError, ValueError):
 
 class PrecisionError(DistribError, ValueError):
     """The requested mixed precision cannot run on this device or setup."""
+
+
+class DataError(DistribError, RuntimeError):
+    """A prepared DataLoader cannot deliver the data the run asks for: the ranks drew different sample
+    orders, or a call (`set_epoch`, `skip_first_batches`) conflicts with the position `load_state` restored."""
 
 
 class CollectiveError(DistribError, RuntimeError):

@@ -7,6 +7,9 @@ finds the newest checkpoint and continues from it (mid-epoch included) instead o
     python examples/checkpointing.py                   # resumes at step 25 and finishes
     python examples/checkpointing.py --background      # saves in the background while training goes on
     distrib launch --num-processes 2 examples/checkpointing.py
+
+A run saved by 2 processes also resumes on 1 or 4 (`--num-processes 4`): the rest of the same epoch is
+dealt among the new ranks and each rank's batch changes so that a step still takes 64 samples.
 """
 
 from __future__ import annotations

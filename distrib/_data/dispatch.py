@@ -1,7 +1,9 @@
 """Dispatch from rank 0: only rank 0 reads the data; each global batch is broadcast and sliced per rank.
 
 Use it (`dispatch_batches=True`, the default for iterable datasets) when a stream cannot be read by
-every rank, or when reading it is expensive.
+every rank, or when reading it is expensive. Rank 0 draws the epoch's order by the same rules as the
+sharded loaders and keeps the same global position, so checkpoints of both kinds resume alike. A failure
+while rank 0 loads a batch is sent to every rank, so the others raise too instead of waiting.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from .. import errors
 from .._preemption import at_step_boundary
 from .._tree import leaves, replace_leaves, send_to_device, tree_map
+from ..errors import DataError, PrepareError
 from .loader import PreparedDataLoader, loader_arguments
-from .sharding import _pad_by_wrapping
+from .order import EpochOrder
+from .sharding import GlobalBatchCutter, ShardedBatchSampler, ShardedIterableDataset, _pad_by_wrapping
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
@@ -36,25 +41,51 @@ class DispatchedDataLoader(PreparedDataLoader):
     def from_loader(cls, runtime: Runtime, loader: DataLoader, seed: int) -> DispatchedDataLoader:  # type: ignore[type-arg]
         per_rank = loader.batch_size or 1
         if runtime.settings.split_batches:
-            global_size = per_rank
-            per_rank = max(1, per_rank // runtime.world_size)
+            if per_rank % runtime.world_size:
+                raise PrepareError(
+                    f"split_batches=True needs the DataLoader's batch_size ({per_rank}) to be a multiple of "
+                    f"the number of processes ({runtime.world_size}); change the batch size or use "
+                    "split_batches=False."
+                )
+            per_rank //= runtime.world_size
+        global_size = per_rank * runtime.world_size
+        # rank 0 cuts global batches: one "rank" of one, which never pads (padding happens in _slice)
+        cutter = GlobalBatchCutter(global_size, 0, 1, loader.drop_last, False)
+        common: dict[str, Any] = {
+            "runtime": runtime,
+            "seed": seed,
+            "source": loader,
+            "generator": loader.generator,
+            **loader_arguments(loader),
+        }
+        if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+            stream = ShardedIterableDataset(loader.dataset, cutter, allow_workers=True)
+            new = cls(stream, batch_size=global_size, drop_last=loader.drop_last, shard=stream, **common)
         else:
-            global_size = per_rank * runtime.world_size
-        common = loader_arguments(loader)
-        sampler = None if isinstance(loader.dataset, torch.utils.data.IterableDataset) else loader.sampler
-        new = cls(
-            loader.dataset,
-            batch_size=global_size,
-            sampler=sampler,
-            drop_last=loader.drop_last,
-            runtime=runtime,
-            seed=seed,
-            source=loader,
-            **common,
-        )
+            order = EpochOrder(loader.sampler, loader.generator, seed)
+            sampler = ShardedBatchSampler(order, cutter)
+            new = cls(loader.dataset, batch_sampler=sampler, shard=sampler, **common)
         new.per_rank = per_rank
         new._remainder = None
         return new
+
+    # -- geometry: the shard cuts global batches; each rank keeps per_rank of each ----------------------
+    def _per_rank(self) -> int:
+        return self.per_rank
+
+    def _set_per_rank(self, batch_size: int) -> None:
+        self.per_rank = batch_size
+        global_size = batch_size * self.runtime.world_size
+        self.shard.cutter.batch_size = global_size
+        if isinstance(self.shard, ShardedIterableDataset):
+            self.batch_sampler.batch_size = global_size  # type: ignore[union-attr]  # ours: DataLoader built it
+            object.__setattr__(self, "batch_size", global_size)
+
+    def _check_slice(self) -> tuple[int, int]:
+        return 0, self.per_rank * self.runtime.world_size  # rank 0 sees (and checks) whole global batches
+
+    def _collective_check(self) -> bool:
+        return False  # only rank 0 draws; a failure reaches the others with the next header
 
     @property
     def remainder(self) -> int | None:
@@ -63,15 +94,16 @@ class DispatchedDataLoader(PreparedDataLoader):
     def __len__(self) -> int:
         return DataLoader.__len__(self)
 
-    def _batches(self, skip: int) -> Iterator[Any]:
+    # -- iteration -----------------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[Any]:
         self._remainder = None
-        source = self._rank0_stream(skip) if self.runtime.rank == 0 else None
-        count = skip
+        source = self._rank0_stream() if self.runtime.rank == 0 else None
+        count = self.start_batch
         state, watch = self.runtime.state, "preemption" in self.runtime.state.extensions
         while True:
             if watch and state.micro_step == 0:
                 at_step_boundary(self.runtime)  # before the next global batch is read and sent
-            received = self._receive(next(source) if source is not None else None)
+            received = self._receive(self._next_payload(source))
             if received is None:
                 return
             batch, is_last = received
@@ -82,10 +114,17 @@ class DispatchedDataLoader(PreparedDataLoader):
             if mine is not None:
                 yield mine
 
-    def _rank0_stream(self, skip: int) -> Iterator[tuple[Any, bool] | None]:
+    def _next_payload(self, source: Iterator[tuple[Any, bool] | None] | None) -> Any:
+        if source is None:
+            return None
+        try:
+            return next(source)
+        except Exception as e:
+            return _Failure(e)
+
+    def _rank0_stream(self) -> Iterator[tuple[Any, bool] | None]:
         iterator = DataLoader.__iter__(self)
-        for _ in range(skip):
-            next(iterator, None)
+        self.shard.start = 0  # the new iterator has taken it (DataLoader may call iter() on it twice)
         batch = next(iterator, None)
         while batch is not None:
             upcoming = next(iterator, None)
@@ -94,10 +133,12 @@ class DispatchedDataLoader(PreparedDataLoader):
         while True:
             yield None
 
-    def _receive(self, payload: tuple[Any, bool] | None) -> tuple[Any, bool] | None:
+    def _receive(self, payload: Any) -> tuple[Any, bool] | None:
         device = self.runtime.collective_device
         header: list[Any] = [None]
-        if payload is not None:
+        if isinstance(payload, _Failure):
+            header[0] = ("failed", type(payload.error).__name__, str(payload.error))
+        elif payload is not None:
             batch, is_last = payload
             tensors = leaves(batch)
             structure = tree_map(lambda _: _Slot(), batch)
@@ -105,6 +146,8 @@ class DispatchedDataLoader(PreparedDataLoader):
         dist.broadcast_object_list(header, src=0)
         if header[0] is None:
             return None
+        if header[0][0] == "failed":
+            _raise_failure(payload, header[0])
         structure, specs, is_last = header[0]
         tensors = tensors if payload is not None else [torch.empty(s, dtype=d) for s, d in specs]
         moved = [t.to(device).contiguous() for t in tensors]
@@ -130,3 +173,20 @@ class DispatchedDataLoader(PreparedDataLoader):
         if first and len(first[0]) == 0:
             return None
         return send_to_device(sliced, self.runtime.device) if self._move else sliced
+
+
+class _Failure:
+    """What rank 0 hit while loading; sent to every rank in place of a batch."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _raise_failure(payload: Any, header: tuple[str, str, str]) -> None:
+    if isinstance(payload, _Failure):
+        raise payload.error  # rank 0: its own exception, with its traceback
+    _, name, message = header
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, errors.DistribError):
+        raise cls(f"on rank 0, which loads the batches: {message}")
+    raise DataError(f"rank 0 failed to load the next batch ({name}: {message}); see rank 0's traceback.")

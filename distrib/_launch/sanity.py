@@ -137,7 +137,9 @@ def _training(ctx: Any, args: argparse.Namespace) -> str | None:
         for name, want in reference.state_dict().items():
             error = (state[name].float() - want).abs().max().item()
             if not error <= tolerance:
-                problem = f"{name!r} differs from one-process training by {error:.2e} (tolerance {tolerance:g})"
+                problem = (
+                    f"{name!r} differs from one-process training by {error:.2e} (tolerance {tolerance:g})"
+                )
                 break
     return distrib.broadcast_object_list([problem])[0]
 

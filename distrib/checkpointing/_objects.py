@@ -96,6 +96,10 @@ def _restore_counters(runtime: Runtime, counters: dict[str, Any], reader: Checkp
     positions = counters["dataloaders"]
     if not isinstance(positions, list) or len(positions) != len(state.dataloaders):
         raise ValueError(f"{len(state.dataloaders)} dataloader positions expected")
+    # each load decides afresh whether a loader changes the accumulation steps to keep its global batch
+    # on another number of processes (distrib/_data/position.py)
+    state.gradient_accumulation_steps = None
+    state.extensions.pop("data.accumulation_changed_by", None)
     for loader, position in zip(state.dataloaders, positions):
         loader.load_state_dict(position)
     state.optimizer_steps = int(counters["optimizer_steps"])

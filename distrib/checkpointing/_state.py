@@ -12,17 +12,17 @@ sees what they saw; write with `writer.json(name, value)`, `writer.tensors(...)`
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 
+from .. import strategies
 from .._runtime import current
 from .._version import __version__
-from ..errors import CheckpointError, CheckpointMismatchError, DistribWarning
-from . import _background, _faults, _layout, _rng
+from ..errors import CheckpointError, CheckpointMismatchError
+from . import _background, _faults, _fingerprint, _layout, _rng
 from ._background import SaveHandle
 from ._commit import commit, discard_temp, make_plan, project_root
 from ._manifest import Verify, read_manifest
@@ -126,6 +126,7 @@ EXTRA_PARTS: list[tuple[SavePart, LoadPart]] = []
 def _stage(runtime: Runtime, writer: CheckpointWriter) -> dict[str, Any] | None:
     """Write (or, in the background, snapshot) every part of the checkpoint on this rank."""
     _rng.save_rng(writer, runtime.rank)  # first: hooks and writers must not disturb the saved state
+    _fingerprint.record(runtime, writer)  # what the run does next, checked after load_state
     state = runtime.state
     metadata = _metadata(runtime) if runtime.rank == 0 else None
     failure: BaseException | None = None
@@ -227,9 +228,13 @@ def _check(runtime: Runtime, reader: CheckpointReader) -> None:
 def _restore(runtime: Runtime, reader: CheckpointReader) -> None:
     runtime.strategy_module.load_training_state(runtime, reader)
     load_objects(runtime, reader)
-    if _rng.has_rng(reader, runtime.rank):
-        # after the objects, so that nothing above consumes random numbers
-        _rng.load_rng(reader, runtime.rank)
+    saved_world_size = int(reader.manifest["world_size"])
+    # after the objects, so that nothing above consumes random numbers; a rank that did not exist at save
+    # time takes the states of rank (rank % saved world size)
+    source = _fingerprint.rng_source_rank(runtime.rank, saved_world_size)
+    if _rng.has_rng(reader, source):
+        _rng.load_rng(reader, source)
+    _fingerprint.verify(runtime, reader, saved_world_size)
     for _, load in EXTRA_PARTS:
         load(runtime, reader)
     state = runtime.state
@@ -242,18 +247,14 @@ def _check_world_size(runtime: Runtime, manifest: dict[str, Any]) -> None:
     saved = int(manifest["world_size"])
     if saved == runtime.world_size:
         return
-    if getattr(runtime.strategy_module, "CHECKPOINT_WORLD_SIZE_DEPENDENT", True):
+    if runtime.strategy_module.CHECKPOINT_WORLD_SIZE_DEPENDENT:
+        resharding = [
+            n for n in strategies.REGISTRY if not strategies.load(n).CHECKPOINT_WORLD_SIZE_DEPENDENT
+        ]
         raise CheckpointMismatchError(
             f"this checkpoint was saved by {saved} processes with strategy {manifest.get('strategy')!r}, "
             f"and strategy {runtime.strategy!r} can only load it with the same number; this run has "
             f"{runtime.world_size}. Relaunch with {saved} processes (e.g. --num-processes {saved}); the "
-            "single, ddp and fsdp strategies load checkpoints at any world size."
+            f"{', '.join(resharding)} strategies load checkpoints at any world size."
         )
-    if runtime.rank == 0:
-        warnings.warn(
-            f"loading a checkpoint saved by {saved} processes into {runtime.world_size}: models and "
-            "optimizers are restored exactly, but ranks without a saved random state keep their own, and "
-            "dataloader positions count batches of the old world size.",
-            DistribWarning,
-            stacklevel=4,
-        )
+    # data positions are global and ranks that did not exist take rank % saved's random states (_restore)

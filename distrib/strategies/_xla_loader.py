@@ -29,6 +29,7 @@ class XLADeviceLoader:
         self.end_of_dataloader = False
         self.batches_yielded = 0
         self._start = 0
+        self._in_loop = False  # the loop is inside an epoch (the wrapped loader may have finished it)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -47,9 +48,10 @@ class XLADeviceLoader:
     def __iter__(self) -> Iterator[Any]:
         state = self.runtime.state
         previous = state.active_dataloader
-        self._start = getattr(self.loader, "_skip", 0) or 0  # batches skipped by a resume
+        self._start = self.loader.next_start_batch  # batches passed over by a resume
         total = self._total()
         self.end_of_dataloader = False
+        self._in_loop = True
         try:
             for count, batch in enumerate(self._device_loader(), start=self._start + 1):
                 state.active_dataloader = self  # the reader thread set it to the wrapped loader
@@ -57,6 +59,7 @@ class XLADeviceLoader:
                 self.end_of_dataloader = total is not None and count >= total
                 yield batch
         finally:
+            self._in_loop = False
             self.end_of_dataloader = True
             state.active_dataloader = previous
 
@@ -71,15 +74,17 @@ class XLADeviceLoader:
         total = self._total()
         return None if total is None else total - self.batches_yielded + 1
 
-    def state_dict(self) -> dict[str, int]:
-        """The wrapped loader's position, corrected to the batches the loop has actually received."""
-        state = dict(self.loader.state_dict())
-        state["batches_yielded"] = self.batches_yielded
-        return state
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped loader's position, at the batches the loop has actually received."""
+        return dict(self.loader.state_dict(batches_yielded=self.batches_yielded if self._in_loop else None))
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def upcoming(self) -> dict[str, Any]:
+        """The resume fingerprint's view of the next batch, at the loop's position."""
+        return dict(self.loader.upcoming(batches_yielded=self.batches_yielded if self._in_loop else None))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
-        self.batches_yielded = int(state.get("batches_yielded", 0))
+        self.batches_yielded = self.loader.next_start_batch
 
     def __getattr__(self, name: str) -> Any:
         if name == "loader":

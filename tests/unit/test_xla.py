@@ -187,3 +187,23 @@ def _reader(directory: Path) -> Any:
     from distrib.checkpointing._reader import CheckpointReader
 
     return CheckpointReader(directory, read_manifest(directory))
+
+
+def test_device_loader_saves_the_position_the_loop_sees(monkeypatch: pytest.MonkeyPatch):
+    """A checkpoint taken while MpDeviceLoader has read the whole epoch ahead still records the loop's
+    position (and the fingerprint agrees with it); after the loop, the next epoch."""
+
+    def read_everything_first(self: XLADeviceLoader) -> Any:
+        return iter(list(self.loader))
+
+    monkeypatch.setattr(XLADeviceLoader, "_device_loader", read_everything_first)
+    with distributed(seed=0) as ctx:
+        loader = XLADeviceLoader(prepare(make_loader(batch_size=6)), ctx)
+        it = iter(loader)
+        next(it), next(it)
+        state, upcoming = loader.state_dict(), loader.upcoming()
+        assert (state["epoch"], state["samples_consumed"]) == (0, 12)
+        assert (upcoming["epoch"], upcoming["consumed"]) == (0, 12) and len(upcoming["next"]) == 6
+        for _ in it:
+            pass
+        assert (loader.state_dict()["epoch"], loader.state_dict()["samples_consumed"]) == (1, 0)
