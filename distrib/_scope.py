@@ -16,7 +16,7 @@ from typing import Any, TypeVar, overload
 import torch
 import torch.distributed as dist
 
-from . import _runtime, strategies
+from . import _runtime, parallel, strategies
 from ._environment import read_environment, resolve_settings
 from ._runtime import Runtime, TrainingState
 from ._settings import Settings
@@ -75,6 +75,8 @@ class distributed:
         owns_group = strategy.init_process_group(env, settings, device)
         if owns_group:
             stack.push(_close_group)
+        # N-D parallelism: the one DeviceMesh, built once the process group exists (distrib/parallel)
+        mesh = parallel.build(settings, env.world_size, device, strategy.NAME, dist.is_initialized())
         runtime = Runtime(
             settings=settings,
             strategy_module=strategy,
@@ -91,6 +93,7 @@ class distributed:
             state=TrainingState(),
             owns_process_group=owns_group,
             restart_count=env.restart_count,
+            parallel=mesh,
         )
         runtime.state.strategy_state = strategy.setup(runtime)
         stack.callback(strategy.teardown, runtime)

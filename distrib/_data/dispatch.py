@@ -36,9 +36,9 @@ class DispatchedDataLoader(PreparedDataLoader):
         per_rank = loader.batch_size or 1
         if runtime.settings.split_batches:
             global_size = per_rank
-            per_rank = max(1, per_rank // runtime.world_size)
+            per_rank = max(1, per_rank // runtime.dp_world_size)
         else:
-            global_size = per_rank * runtime.world_size
+            global_size = per_rank * runtime.dp_world_size
         common = loader_arguments(loader)
         sampler = None if isinstance(loader.dataset, torch.utils.data.IterableDataset) else loader.sampler
         new = cls(
@@ -109,8 +109,9 @@ class DispatchedDataLoader(PreparedDataLoader):
         return replace_leaves(structure, moved, leaf=_Slot), is_last
 
     def _slice(self, batch: Any, is_last: bool) -> Any:
-        rank, size = self.runtime.rank, self.per_rank
-        full = size * self.runtime.world_size
+        # ranks of one tensor/context/pipeline group share a data-parallel rank, so they get the same slice
+        rank, size = self.runtime.dp_rank, self.per_rank
+        full = size * self.runtime.dp_world_size
         n = len(leaves(batch)[0]) if leaves(batch) else full
         if n < full and is_last:
             self._remainder = n

@@ -31,14 +31,14 @@ def prepare_dataloader(runtime: Runtime, loader: DataLoader, seed: int) -> DataL
     kwargs: dict[str, Any] = {"runtime": runtime, "seed": seed, "source": loader, **loader_arguments(loader)}
     if is_iterable:
         cutter = GlobalBatchCutter(
-            batch_size or 1, runtime.rank, runtime.world_size, loader.drop_last, settings.even_batches
+            batch_size or 1, runtime.dp_rank, runtime.dp_world_size, loader.drop_last, settings.even_batches
         )
         dataset = ShardedIterableDataset(loader.dataset, cutter)  # type: ignore[arg-type]
         return PreparedDataLoader(dataset, batch_size=batch_size, drop_last=loader.drop_last, **kwargs)
     batch_sampler = loader.batch_sampler
     if type(batch_sampler) is BatchSampler and batch_size is not None:
         cutter = GlobalBatchCutter(
-            batch_size, runtime.rank, runtime.world_size, batch_sampler.drop_last, settings.even_batches
+            batch_size, runtime.dp_rank, runtime.dp_world_size, batch_sampler.drop_last, settings.even_batches
         )
         sharded: Any = ShardedBatchSampler(batch_sampler.sampler, cutter)  # type: ignore[arg-type]
     elif batch_sampler is not None:
@@ -48,7 +48,7 @@ def prepare_dataloader(runtime: Runtime, loader: DataLoader, seed: int) -> DataL
                 "DataLoader a batch_size (and sampler) instead, or use split_batches=False."
             )
         sharded = ShardedCustomBatchSampler(
-            batch_sampler, runtime.rank, runtime.world_size, settings.even_batches
+            batch_sampler, runtime.dp_rank, runtime.dp_world_size, settings.even_batches
         )
     else:
         raise PrepareError(
@@ -62,9 +62,10 @@ def _per_rank_batch_size(runtime: Runtime, loader: DataLoader) -> int | None:  #
     batch_size = loader.batch_size
     if batch_size is None or not runtime.settings.split_batches:
         return batch_size
-    if batch_size % runtime.world_size:
+    if batch_size % runtime.dp_world_size:
         raise PrepareError(
             f"split_batches=True needs the DataLoader's batch_size ({batch_size}) to be a multiple of the "
-            f"number of processes ({runtime.world_size}); change the batch size or use split_batches=False."
+            f"number of data-parallel processes ({runtime.dp_world_size}); change the batch size or use "
+            "split_batches=False."
         )
-    return batch_size // runtime.world_size
+    return batch_size // runtime.dp_world_size

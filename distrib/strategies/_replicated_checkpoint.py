@@ -48,6 +48,10 @@ def save_training_state(runtime: Runtime, directory: Path) -> None:
 
 def load_training_state(runtime: Runtime, directory: Path) -> None:
     """Load every model and optimizer saved by `save_training_state` onto this rank's device."""
+    if (directory / ".metadata").is_file():  # a DCP checkpoint (FSDP, tensor/pipeline parallel): reshard it
+        from . import _fsdp_checkpoint
+
+        return _fsdp_checkpoint.load_training_state(runtime, directory)
     state = runtime.state
     check_count(directory, "model", "safetensors", len(state.models))
     check_count(directory, "optimizer", "pt", len(state.optimizers))
