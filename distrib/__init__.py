@@ -32,6 +32,10 @@ _EXPORTS: dict[str, str] = {
     "FSDPOptions": "_options",
     "DeepSpeedOptions": "_options",
     "XLAOptions": "_options",
+    # N-D parallelism
+    "ParallelismOptions": "_options",
+    "PipelinedModel": "parallel._pipeline",
+    "context_parallel": "parallel._context",
     # training
     "prepare": "_prepare",
     "unwrap_model": "_prepare",
@@ -134,7 +138,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._data.loader import skip_first_batches
     from ._launch.notebook import debug_launcher, notebook_launcher
     from ._logging import get_logger
-    from ._options import DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
+    from ._options import DDPOptions, DeepSpeedOptions, FSDPOptions, ParallelismOptions, XLAOptions
     from ._precision import autocast
     from ._prepare import prepare, unwrap_model
     from ._process import (
@@ -195,3 +199,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         save_model,
         save_state,
     )
+    from .parallel._context import context_parallel
+    from .parallel._pipeline import PipelinedModel

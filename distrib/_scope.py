@@ -72,11 +72,11 @@ class distributed:
         strategy = strategies.resolve(settings, env)
         device = strategy.choose_device(env, settings)
         plan = strategy.precision_plan(settings, device)
+        dims = parallel.plan(settings, env.world_size, device, strategy.NAME)  # N-D sizes, checked early
         owns_group = strategy.init_process_group(env, settings, device)
         if owns_group:
             stack.push(_close_group)
-        # N-D parallelism: the one DeviceMesh, built once the process group exists (distrib/parallel)
-        mesh = parallel.build(settings, env.world_size, device, strategy.NAME, dist.is_initialized())
+        mesh = parallel.build(dims, settings, device)  # the one DeviceMesh, on the process group
         runtime = Runtime(
             settings=settings,
             strategy_module=strategy,

@@ -121,6 +121,7 @@ def _metadata(runtime: Runtime) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "strategy": runtime.strategy,
         "world_size": runtime.world_size,
+        "dp_world_size": runtime.dp_world_size,  # N-D parallelism: what dataloader positions count in
         "step": runtime.state.optimizer_steps,
         "mixed_precision": runtime.mixed_precision,
         "gradient_accumulation_steps": runtime.gradient_accumulation_steps,
@@ -217,7 +218,11 @@ def _check_world_size(runtime: Runtime, manifest: dict[str, Any]) -> None:
             f"{runtime.world_size}. Relaunch with {saved} processes (e.g. --num-processes {saved}); the "
             "single, ddp and fsdp strategies load checkpoints at any world size."
         )
-    if runtime.rank == 0:
+    # N-D parallelism: positions stay exact while the data-parallel size does, and no rank lacks its state
+    same_data = (
+        int(manifest.get("dp_world_size", saved)) == runtime.dp_world_size and runtime.world_size < saved
+    )
+    if runtime.rank == 0 and not same_data:
         warnings.warn(
             f"loading a checkpoint saved by {saved} processes into {runtime.world_size}: models and "
             "optimizers are restored exactly, but ranks without a saved random state keep their own, and "

@@ -16,6 +16,6 @@ The strategies call in here only when the run has a mesh (the `parallelism` sett
 
 from __future__ import annotations
 
-from ._mesh import DIM_NAMES, ParallelDims, ParallelState, build, resolve_dims
+from ._mesh import DIM_NAMES, ParallelDims, ParallelState, build, plan, resolve_dims
 
-__all__ = ["DIM_NAMES", "ParallelDims", "ParallelState", "build", "resolve_dims"]
+__all__ = ["DIM_NAMES", "ParallelDims", "ParallelState", "build", "plan", "resolve_dims"]

@@ -42,7 +42,7 @@ def full_state_dict(runtime: Runtime, model: nn.Module) -> dict[str, torch.Tenso
     module = checkpoint_module(model)
     # no cpu_offload: that keeps the state on rank 0 only, but every pipeline stage needs its own
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-    tensors = {k: v.detach().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if isinstance(v, torch.Tensor)}
     parallel = runtime.parallel
     if parallel is not None and parallel.size("pp") > 1:
         tensors = _stages_to_rank0(runtime, tensors)

@@ -140,18 +140,25 @@ def _describe(dims: ParallelDims) -> str:
     return ", ".join(f"{name}={getattr(dims, name)}" for name in MESH_SIZES if getattr(dims, name) > 1)
 
 
-def build(
-    settings: Settings, world_size: int, device: torch.device, strategy: str, has_group: bool
-) -> ParallelState | None:
-    """The run's mesh, or None when the settings ask for no parallelism (or one process has no group)."""
+def plan(settings: Settings, world_size: int, device: torch.device, strategy: str) -> ParallelDims | None:
+    """The resolved sizes when the settings ask for a mesh, else None; raises before any process group
+    exists when the sizes or their combination with other settings cannot run."""
     options = settings.parallelism
     if not is_requested(options):
         return None
     dims = resolve_dims(options, world_size)
     check_combination(settings, dims, strategy, device)
-    if not has_group:
-        return None  # one process without a process group: every dimension has size 1
-    return _make_state(dims, options, device)
+    return dims
+
+
+def build(dims: ParallelDims | None, settings: Settings, device: torch.device) -> ParallelState | None:
+    """The run's mesh (every rank calls this), or None without a mesh or without a process group (one
+    process, `single` strategy: every dimension has size 1)."""
+    import torch.distributed as dist
+
+    if dims is None or not dist.is_initialized():
+        return None
+    return _make_state(dims, settings.parallelism, device)
 
 
 def _make_state(dims: ParallelDims, options: ParallelismOptions, device: torch.device) -> ParallelState:

@@ -10,6 +10,7 @@ the directory into place only once it is complete.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,7 +52,9 @@ def load_training_state(runtime: Runtime, directory: Path) -> None:
     if (directory / ".metadata").is_file():  # a DCP checkpoint (FSDP, tensor/pipeline parallel): reshard it
         from . import _fsdp_checkpoint
 
-        return _fsdp_checkpoint.load_training_state(runtime, directory)
+        with warnings.catch_warnings():  # one process without a group: DCP says it reads alone, as meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            return _fsdp_checkpoint.load_training_state(runtime, directory)
     state = runtime.state
     check_count(directory, "model", "safetensors", len(state.models))
     check_count(directory, "optimizer", "pt", len(state.optimizers))

@@ -84,28 +84,33 @@ def train(
     batch_size: int = 4,
     epochs: int = 1,
     clip: float | None = 0.5,
-    save_to: str | None = None,
+    save_after_first: str | None = None,
+    load_from: str | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
-    """Train a fresh `BlockNet`; return the whole model's state (rank 0), the losses and the mesh ranks."""
-    from distrib import distributed, prepare, save_model, save_state
+    """Train a fresh `BlockNet` for some epochs; return the whole model's state (rank 0), every step's loss,
+    this rank's place in the mesh and, with `save_after_first`, the state saved after the first epoch
+    (`save_state` there, `save_model` to `<dir>-model`). `load_from` resumes from a checkpoint first."""
+    from distrib import distributed, load_state, prepare, save_model, save_state
 
     with distributed(**settings) as ctx:
         model = make_model()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         model, optimizer, loader = prepare(model, optimizer, make_loader(batch_size))
-        pipelined = ctx.pp_size > 1
-        losses = [
-            loss
-            for _ in range(epochs)
-            for loss in run_epoch(model, optimizer, loader, pipelined=pipelined, clip=clip)
-        ]
+        if load_from is not None:
+            load_state(load_from)
+        pipelined, losses, saved = ctx.pp_size > 1, [], None
+        for epoch in range(epochs):
+            losses += run_epoch(model, optimizer, loader, pipelined=pipelined, clip=clip)
+            if epoch == 0 and save_after_first is not None:
+                save_state(save_after_first)
+                save_model(model, save_after_first + "-model")
+                saved = ctx.strategy_module.full_state_dict(ctx, model)
         full = ctx.strategy_module.full_state_dict(ctx, model)
-        if save_to is not None:
-            save_state(save_to)
-            save_model(model, save_to + "-model")
         ranks = {name: getattr(ctx, f"{name}_rank") for name in ("dp", "tp", "pp", "cp")}
-        return {"state": full if ctx.rank == 0 else None, "losses": losses, "ranks": ranks}
+        first = ctx.rank == 0
+        return {"state": full if first else None, "saved": saved if first else None, "losses": losses,
+                "ranks": ranks}  # fmt: skip
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -116,3 +121,15 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 def moved(state: dict[str, torch.Tensor]) -> float:
     """How far training moved the parameters from their initial values (guards against no-op runs)."""
     return max_difference(state, {k: v.float() for k, v in make_model().state_dict().items()})
+
+
+def in_one_group(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run `fn` in a gloo group this worker opens, so that its several scopes reuse one group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
