@@ -72,7 +72,7 @@ class distributed:
         strategy = strategies.resolve(settings, env)
         device = strategy.choose_device(env, settings)
         plan = strategy.precision_plan(settings, device)
-        dims = parallel.plan(settings, env.world_size, device, strategy.NAME)  # N-D sizes, checked early
+        dims = parallel.plan(settings, env.world_size, device, strategy.NAME, rank=env.rank)  # N-D sizes
         owns_group = strategy.init_process_group(env, settings, device)
         if owns_group:
             stack.push(_close_group)

@@ -15,15 +15,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import CheckpointMismatchError
 from ._pipeline import PipelinedModel
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .._runtime import Runtime
 
 
 def uses_dcp(runtime: Runtime) -> bool:
     """True when some rank holds only part of a model, so checkpoints must be written by every rank."""
     return runtime.parallel is not None and runtime.parallel.dims.splits_models
+
+
+def require_dcp(directory: Path) -> None:
+    """A split model loads only DCP checkpoints (shards with their global layout)."""
+    if not (directory / ".metadata").is_file():
+        raise CheckpointMismatchError(
+            f"{str(directory)!r} holds whole models written by one rank (a run without tensor or pipeline "
+            "parallelism, strategy single or ddp), which a run whose model is split over ranks cannot "
+            "reshard. Resume it without tensor/pipeline parallelism (or with strategy='fsdp'), save_state "
+            "there, and load that checkpoint here."
+        )
 
 
 def checkpoint_module(model: nn.Module) -> nn.Module:

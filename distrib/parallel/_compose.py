@@ -5,8 +5,8 @@
 3. tensor / sequence parallel (`apply_tensor_parallel`, the plan of `_plans.py`);
 4. activation checkpointing, `torch.compile`, FSDP2 on the data-shard dimension: the FSDP strategy does
    these (`strategies/fsdp.py`); with the DDP strategy, gradients are averaged over the data-parallel
-   (and context-parallel) ranks instead: by `DistributedDataParallel` on a model of plain tensors, by
-   torch's FSDP2-based `replicate` on a model of DTensors;
+   (and context-parallel) ranks instead: by torch's FSDP2-based `replicate` on a model of DTensors or a
+   pipeline stage (DDP's reducer takes neither), else by `DistributedDataParallel`;
 5. the pipeline wrapper (`PipelinedModel`), whose call runs the schedule.
 
 Optimizers built before `prepare` are re-pointed at the parameters that replaced theirs (tensor parallel
@@ -16,6 +16,7 @@ and `replicate` swap in DTensors), and lose the parameters of layers another sta
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import _precision
+from .._options import DDPOptions
+from ..errors import DistribWarning
 from ..strategies import _fsdp_params
 from . import _plans
 from ._pipeline import PipelinedModel
@@ -106,8 +109,18 @@ def wrap_data_parallel(runtime: Runtime, model: nn.Module) -> nn.Module:
     assert parallel is not None
     if parallel.size("dp_cp") == 1 or not any(p.requires_grad for p in model.parameters()):
         return model
-    if has_dtensors(model):
+    # DDP's reducer cannot take DTensors, nor the several backward passes a pipeline step runs
+    if has_dtensors(model) or parallel.size("pp") > 1:
         from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        if runtime.settings.ddp != DDPOptions() and runtime.rank == 0:
+            warnings.warn(
+                f"DDPOptions {runtime.settings.ddp} are not used: a tensor- or pipeline-parallel model "
+                "averages its gradients over the data-parallel ranks with torch's FSDP2-based replicate, "
+                "not DistributedDataParallel. Drop the ddp options.",
+                DistribWarning,
+                stacklevel=2,
+            )
 
         broadcast_module(model, parallel.group("dp_cp"), runtime.collective_device)
         replicate(model, mesh=parallel.submesh("dp_cp"))

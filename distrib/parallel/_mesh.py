@@ -10,11 +10,12 @@ serve the strategies and collectives: `dp` (`dp_replicate` x `dp_shard`: who get
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._options import MESH_SIZES, ParallelismOptions
-from ..errors import SettingsError
+from ..errors import DistribWarning, SettingsError
 
 if TYPE_CHECKING:
     import torch
@@ -140,15 +141,38 @@ def _describe(dims: ParallelDims) -> str:
     return ", ".join(f"{name}={getattr(dims, name)}" for name in MESH_SIZES if getattr(dims, name) > 1)
 
 
-def plan(settings: Settings, world_size: int, device: torch.device, strategy: str) -> ParallelDims | None:
+def plan(
+    settings: Settings, world_size: int, device: torch.device, strategy: str, *, rank: int = 0
+) -> ParallelDims | None:
     """The resolved sizes when the settings ask for a mesh, else None; raises before any process group
-    exists when the sizes or their combination with other settings cannot run."""
+    exists when the sizes or their combination with other settings cannot run, and warns (rank 0) about
+    options their dimension's size of 1 leaves unused."""
     options = settings.parallelism
     if not is_requested(options):
         return None
     dims = resolve_dims(options, world_size)
     check_combination(settings, dims, strategy, device)
+    if rank == 0:
+        for message in unused_options(options, dims):
+            warnings.warn(message, DistribWarning, stacklevel=5)
     return dims
+
+
+def unused_options(options: ParallelismOptions, dims: ParallelDims) -> list[str]:
+    """One message per option that does nothing with these sizes."""
+    unused = []
+    if dims.tp == 1 and options.tp_plan not in (None, "auto"):
+        unused.append("tp_plan")
+    if dims.pp == 1:
+        defaults = ParallelismOptions()
+        unused += [n for n in ("pp_schedule", "pp_microbatches", "pp_split_points")
+                   if getattr(options, n) != getattr(defaults, n)]  # fmt: skip
+    return [
+        f"ParallelismOptions.{name}={getattr(options, name)!r} is ignored: it applies to "
+        f"{'tensor' if name == 'tp_plan' else 'pipeline'} parallelism, and "
+        f"{'tp' if name == 'tp_plan' else 'pp'}=1. Set the size, or drop the option."
+        for name in unused
+    ]
 
 
 def build(dims: ParallelDims | None, settings: Settings, device: torch.device) -> ParallelState | None:
@@ -162,8 +186,6 @@ def build(dims: ParallelDims | None, settings: Settings, device: torch.device) -
 
 
 def _make_state(dims: ParallelDims, options: ParallelismOptions, device: torch.device) -> ParallelState:
-    import warnings
-
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = "cuda" if device.type == "cuda" else "cpu"

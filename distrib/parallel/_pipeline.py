@@ -18,6 +18,7 @@ micro-batches.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -58,13 +59,20 @@ def _first_tensor_hook(module: nn.Module, args: Any, output: Any) -> Any:
 
 
 class PipelinedModel(nn.Module):
-    """A model cut into pipeline stages; calling it runs a whole pipeline step (see the module docstring).
+    """What `prepare` returns for a model under pipeline parallelism (`parallelism={"pp": N}`).
 
-    `module` is this rank's stage of the user's model (its parameters keep their names). Example::
+    `module` is this rank's stage of your model (parameters keep their names; `unwrap_model` returns it).
+    `model(*inputs, target=y, loss_fn=f, **kwargs)` runs one pipeline step over the batch, split into
+    `pp_microbatches`: forward and backward of every micro-batch, `f(output, target)` on the last stage.
+    It returns the mean loss over micro-batches, detached, on every stage (`backward()` on it does
+    nothing: the schedule did it). `model(*inputs)` under `torch.no_grad()` or `model.eval()` runs forward
+    only and returns the last stage's output on every stage. Pass the same `loss_fn` object on every
+    call; a batch must divide into the micro-batches. Example::
 
+        loss_fn = torch.nn.functional.cross_entropy
         model, optimizer, loader = prepare(model, optimizer, loader)    # parallelism={"pp": 2}
         for x, y in loader:
-            loss = model(x, target=y, loss_fn=torch.nn.functional.cross_entropy)
+            loss = model(x, target=y, loss_fn=loss_fn)
             optimizer.step()
             optimizer.zero_grad()
     """
@@ -158,20 +166,23 @@ class PipelinedModel(nn.Module):
         )
         training = key[0]
         kind = Schedule1F1B if training and options.pp_schedule == "1f1b" else ScheduleGPipe
-        schedule = kind(stage, n_microbatches=microbatches, loss_fn=self._scaled_loss if training else None)
+        # scale_grads=False: torch would divide every .grad after the step, gradients accumulated over
+        # earlier steps (accumulate()) too; the loss is divided per micro-batch instead (_scaled_loss)
+        loss_fn = functools.partial(self._scaled_loss, microbatches=microbatches) if training else None
+        schedule = kind(stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
         self._schedules[key] = (stage, schedule, microbatches)
         if len(self._schedules) > MAX_SCHEDULES:
             self._schedules.popitem(last=False)
         return stage, schedule, microbatches
 
-    def _scaled_loss(self, output: Any, target: Any) -> torch.Tensor:
-        """The user's loss per micro-batch (recorded), divided for gradient accumulation."""
+    def _scaled_loss(self, output: Any, target: Any, *, microbatches: int) -> torch.Tensor:
+        """The user's loss per micro-batch (recorded), divided so that the gradients are those of the mean
+        over micro-batches and over the accumulation window."""
         loss_fn = self._loss_fn
         assert loss_fn is not None
         loss = loss_fn(output, target)
         self._microbatch_losses.append(loss.detach())
-        window = self._runtime.state.window_size
-        return loss / window if window > 1 else loss
+        return loss / (microbatches * self._runtime.state.window_size)
 
     # -- results on every rank of the pipeline --------------------------------------------------------
     def _last_stage_rank(self) -> tuple[Any, int]:

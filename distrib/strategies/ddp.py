@@ -103,6 +103,7 @@ def save_training_state(runtime: Runtime, directory: Path) -> None:
 
 def load_training_state(runtime: Runtime, directory: Path) -> None:
     if _parallel_checkpoint.uses_dcp(runtime):
+        _parallel_checkpoint.require_dcp(directory)
         return _fsdp_checkpoint.load_training_state(runtime, directory)
     return _replicated_checkpoint.load_training_state(runtime, directory)
 

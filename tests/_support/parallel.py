@@ -129,7 +129,8 @@ def in_one_group(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
     dist.init_process_group("gloo")
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
+        dist.barrier()  # not after a failure: the rank must report it, not wait for the others
+        return result
     finally:
-        dist.barrier()
         dist.destroy_process_group()

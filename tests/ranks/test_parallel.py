@@ -90,12 +90,16 @@ def _fsdp_tp_worker() -> dict[str, Any]:
         batch_size=2, epochs=2, strategy="fsdp", parallelism={"dp_shard": 2, "tp": 2, "tp_plan": PLAN}
     )
     out["data"] = _data_checks()
+    # the same four ranks as 2 pipeline stages x 2 data-parallel replicas (DDP over the replicas)
+    out["pp_dp"] = train(batch_size=2, epochs=2, parallelism={"pp": 2, "dp_shard": 2})
     return out
 
 
 def test_fsdp_times_tensor_parallel_2x2_equals_one_process(reference):
     results = run_ranks(in_one_group, 4, _fsdp_tp_worker, timeout=400)
     _close(results[0], reference)  # 2 data-parallel ranks x batch 2 = the reference's batch of 4
+    _close(results[0]["pp_dp"], reference)
+    assert [r["pp_dp"]["ranks"]["pp"] for r in results] == [0, 0, 1, 1]
     assert [r["ranks"]["dp"] for r in results] == [0, 0, 1, 1]
     assert [r["ranks"]["tp"] for r in results] == [0, 1, 0, 1]
     data = [r["data"] for r in results]
@@ -116,12 +120,12 @@ def _pipeline_worker(directory: str) -> dict[str, Any]:
     from distrib.errors import TrainingError
 
     out = {
-        schedule: train(
-            batch_size=4, epochs=2, parallelism={"pp": 2, "pp_schedule": schedule},
-            save_after_first=f"{directory}/{schedule}" if schedule == "gpipe" else None,
-        )
-        for schedule in ("gpipe", "1f1b")
-    }  # fmt: skip
+        "gpipe": train(
+            epochs=2, parallelism={"pp": 2, "pp_schedule": "gpipe"}, save_after_first=f"{directory}/gpipe"
+        ),
+        # 1F1B, with 4 micro-batches per step and gradient accumulation over 2 steps
+        "1f1b": train(epochs=2, parallelism={"pp": 2, "pp_microbatches": 4}, gradient_accumulation_steps=2),
+    }
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
     with distributed(parallelism={"pp": 2, "pp_microbatches": 3}):
         model = prepare(make_model())
@@ -149,9 +153,10 @@ def _pipeline_worker(directory: str) -> dict[str, Any]:
 
 
 def test_pipeline_with_both_schedules_equals_one_process(reference, tmp_path: Path):
+    accumulated = train(epochs=2, gradient_accumulation_steps=2)
     results = run_ranks(in_one_group, 2, _pipeline_worker, str(tmp_path), timeout=400)
-    for schedule in ("gpipe", "1f1b"):
-        _close(results[0][schedule], reference)
+    for schedule, expected in (("gpipe", reference), ("1f1b", accumulated)):
+        _close(results[0][schedule], expected)
         assert results[0][schedule]["losses"] == results[1][schedule]["losses"]  # every stage returns it
     assert [r["gpipe"]["ranks"]["pp"] for r in results] == [0, 1]
     errors = results[0]["errors"]

@@ -16,7 +16,7 @@ from distrib._cli.main import cli
 from distrib._environment import launcher_settings
 from distrib._launch import config_file
 from distrib._launch.plan import MachineFacts, Target, build_plan
-from distrib.errors import PrepareError, SettingsError, TrainingError
+from distrib.errors import DistribWarning, PrepareError, SettingsError, TrainingError
 from distrib.parallel import ParallelDims, resolve_dims
 from distrib.parallel._mesh import check_combination
 from distrib.parallel._plans import matches, resolve
@@ -303,3 +303,30 @@ def test_a_skipped_module_called_with_something_else_raises():
         skipped(torch.tensor([1, 2]))
     position = SkippedModule("wpe", nn.Embedding(10, 4), stage=1)
     assert torch.equal(position(torch.tensor([[0, 1, 2]])), torch.zeros(1, 3, 4))
+
+
+def test_options_a_size_of_one_leaves_unused_are_named():
+    from distrib.parallel._mesh import unused_options
+
+    options = ParallelismOptions(tp_plan={"a": "colwise"}, pp_schedule="gpipe", pp_microbatches=4)
+    messages = unused_options(options, ParallelDims(dp_shard=2))
+    assert len(messages) == 3
+    assert "tp_plan={'a': 'colwise'} is ignored" in messages[0] and "tp=1" in messages[0]
+    assert "pp_schedule='gpipe' is ignored" in messages[1] and "pp=1" in messages[1]
+    assert unused_options(options, ParallelDims(tp=2, pp=2)) == []
+    with (
+        pytest.warns(DistribWarning, match="tp_plan"),
+        distributed(parallelism={"tp_plan": {"a": "colwise"}}),
+    ):
+        pass
+
+
+def test_a_split_model_refuses_a_whole_model_checkpoint_with_the_fix(tmp_path: Path):
+    from distrib.errors import CheckpointMismatchError
+    from distrib.parallel._checkpoint import require_dcp
+
+    (tmp_path / "model_0.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointMismatchError, match=r"whole models written by one rank.*save_state there"):
+        require_dcp(tmp_path)
+    (tmp_path / ".metadata").write_bytes(b"")
+    require_dcp(tmp_path)
