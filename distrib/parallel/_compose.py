@@ -36,8 +36,10 @@ if TYPE_CHECKING:
 
     from .._runtime import Runtime
 
-#: key in `runtime.state.extensions`: ids of parameters the pipeline split removed from prepared models
+#: keys in `runtime.state.extensions`: ids of parameters the pipeline split removed from prepared models,
+#: and which parameter replaced which (for optimizers prepared in a later call)
 REMOVED_KEY = "parallel.removed_params"
+PARAM_MAP_KEY = "parallel.param_map"
 
 
 def split_for_pipeline(runtime: Runtime, model: nn.Module) -> nn.Module:
@@ -153,7 +155,8 @@ def prepare_training(
     runtime: Runtime, models: list[nn.Module], optimizers: list[Any], schedulers: list[Any]
 ) -> tuple[list[nn.Module], list[Any], list[Any]]:
     """The DDP strategy's `prepare_training` under N-D parallelism (steps 1-3 and 5 of the docstring)."""
-    param_map: _fsdp_params.ParamMap = {}
+    # kept for the run: an optimizer built before prepare(model) may come in a later prepare() call
+    param_map: _fsdp_params.ParamMap = runtime.state.extensions.setdefault(PARAM_MAP_KEY, {})
     prepared = []
     for model in models:
         split_for_pipeline(runtime, model)

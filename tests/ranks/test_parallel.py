@@ -40,7 +40,12 @@ def _tensor_parallel_worker() -> dict[str, Any]:
 
     out = train(batch_size=4, epochs=2, parallelism={"tp": 2, "tp_plan": PLAN}, gradient_accumulation_steps=2)
     with distributed(parallelism={"tp": 2, "tp_plan": PLAN}) as ctx:
-        model = prepare(make_model())
+        model = make_model()
+        optimizer = torch.optim.AdamW(model.parameters())  # built before, prepared in a later call
+        model = prepare(model)
+        optimizer = prepare(optimizer)
+        ids = {id(p) for p in model.parameters()}
+        out["late_optimizer"] = all(id(p) in ids for p in optimizer.param_groups[0]["params"])
         out["split"] = sorted(n for n, p in model.named_parameters() if isinstance(p, DTensor))
         out["local_up"] = tuple(model.blocks[0].up.weight.to_local().shape)
         out["mesh"] = (ctx.mesh.mesh_dim_names, tuple(ctx.mesh.shape), ctx.strategy)
@@ -56,6 +61,7 @@ def test_tensor_parallel_training_equals_one_process():
     assert results[0]["split"] == sorted(f"blocks.{i}.{m}.{p}" for i in range(4) for m in ("up", "down")
                                          for p in ("weight", "bias"))  # fmt: skip
     assert results[0]["local_up"] == (8, 8)  # half of the 16 output features
+    assert results[0]["late_optimizer"]
     assert results[1]["mesh"] == (("pp", "dp_replicate", "dp_shard", "cp", "tp"), (1, 1, 1, 1, 2), "ddp")
 
 
