@@ -225,9 +225,10 @@ class ParallelismOptions:
                 )
         rest = [name for name in MESH_SIZES if getattr(self, name) == -1]
         if len(rest) > 1:
+            default = " (dp_shard is -1 unless given)" if "dp_shard" in rest else ""
             raise SettingsError(
-                f"ParallelismOptions sets {' and '.join(rest)} to -1; only one size can be 'the rest of the "
-                "world size'. Give the others as numbers."
+                f"ParallelismOptions sets {' and '.join(rest)} to -1{default}; only one size can be 'the rest "
+                "of the world size'. Give the others as numbers, e.g. dp_shard=1."
             )
         if self.pp_microbatches is not None and self.pp_microbatches < 1:
             raise SettingsError(f"ParallelismOptions.pp_microbatches={self.pp_microbatches} must be >= 1.")

@@ -195,6 +195,9 @@ def test_a_tensor_parallel_checkpoint_reloads_at_tp1_and_as_fsdp_only(reference,
     # FSDP only (2 data-parallel ranks x batch 2): the same
     fsdp = run_ranks(train, 2, timeout=300, batch_size=2, epochs=1, load_from=checkpoint, strategy="fsdp")[0]
     assert max_difference(fsdp["state"], tp["state"]) < TOL
+    # plain DDP on 2 processes (tp=1, 2 data-parallel ranks x batch 2): the same
+    ddp = run_ranks(train, 2, timeout=300, batch_size=2, epochs=1, load_from=checkpoint)[0]
+    assert max_difference(ddp["state"], tp["state"]) < TOL
     released = load_file(tmp_path / "tp2-model" / "model.safetensors")
     assert max_difference(released, tp["saved"]) == 0  # save_model: the whole model, unsharded
 

@@ -38,7 +38,7 @@ def test_defaults_and_the_dict_form():
     [
         ({"tp": 0}, r"tp=0 must be >= 1, or -1"),
         ({"pp": -2}, r"pp=-2 must be >= 1, or -1"),
-        ({"tp": -1}, r"dp_shard and tp to -1; only one size"),
+        ({"tp": -1}, r"dp_shard and tp to -1 \(dp_shard is -1 unless given\); only one size.*dp_shard=1"),
         ({"tp": "2"}, r"tp='2' is not valid: expected int"),
         ({"tp_plan": {"a": "columnwise"}}, r"'columnwise' is not a style; use one of 'colwise'"),
         ({"tp_plan": {"a": 3}}, r"is a int; give a style name"),
@@ -330,3 +330,18 @@ def test_a_split_model_refuses_a_whole_model_checkpoint_with_the_fix(tmp_path: P
         require_dcp(tmp_path)
     (tmp_path / ".metadata").write_bytes(b"")
     require_dcp(tmp_path)
+
+
+def test_resuming_warns_only_when_the_data_parallel_size_changes():
+    import warnings
+
+    from distrib.checkpointing._state import _check_world_size
+
+    with distributed() as ctx:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _check_world_size(ctx, {"world_size": 2, "dp_world_size": 1})  # a tp=2 or pp=2 run: positions fit
+        with pytest.warns(DistribWarning, match="saved by 2 processes into 1"):
+            _check_world_size(ctx, {"world_size": 2, "dp_world_size": 2})
+        with pytest.warns(DistribWarning, match="saved by 2 processes into 1"):
+            _check_world_size(ctx, {"world_size": 2})  # older manifests: the world was data parallel
