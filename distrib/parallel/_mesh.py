@@ -201,5 +201,5 @@ def _make_state(dims: ParallelDims, options: ParallelismOptions, device: torch.d
         # FSDP2's mesh: shard over dp_shard x cp, and replicate over dp_replicate (HSDP) when it is > 1
         views["fsdp"] = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else views["dp_shard_cp"]
     ranks = {name: mesh.get_local_rank(name) for name in DIM_NAMES}
-    ranks.update({name: view.get_local_rank() for name, view in views.items()})
+    ranks.update({name: views[name].get_local_rank() for name in FLAT_VIEWS})
     return ParallelState(dims=dims, mesh=mesh, options=options, views=views, ranks=ranks)

@@ -96,6 +96,9 @@ def _fsdp_tp_worker() -> dict[str, Any]:
         batch_size=2, epochs=2, strategy="fsdp", parallelism={"dp_shard": 2, "tp": 2, "tp_plan": PLAN}
     )
     out["data"] = _data_checks()
+    # HSDP x TP: FSDP2 replicates over dp_replicate=2 (its shard dimension has size 1 here)
+    hsdp = {"dp_replicate": 2, "tp": 2, "tp_plan": PLAN}
+    out["hsdp_tp"] = train(batch_size=2, epochs=2, strategy="fsdp", parallelism=hsdp)
     # the same four ranks as 2 pipeline stages x 2 data-parallel replicas, accumulating over 2 steps
     out["pp_dp"] = train(
         batch_size=2, epochs=2, parallelism={"pp": 2, "dp_shard": 2}, gradient_accumulation_steps=2
@@ -107,6 +110,7 @@ def test_fsdp_times_tensor_parallel_2x2_equals_one_process(reference):
     results = run_ranks(in_one_group, 4, _fsdp_tp_worker, timeout=400)
     _close(results[0], reference)  # 2 data-parallel ranks x batch 2 = the reference's batch of 4
     _close(results[0]["pp_dp"], train(epochs=2, gradient_accumulation_steps=2))
+    _close(results[0]["hsdp_tp"], reference)
     assert [r["pp_dp"]["ranks"]["pp"] for r in results] == [0, 0, 1, 1]
     assert [r["ranks"]["dp"] for r in results] == [0, 0, 1, 1]
     assert [r["ranks"]["tp"] for r in results] == [0, 1, 0, 1]
