@@ -159,7 +159,34 @@ def split_model(model: nn.Module, *, pp: int, stage: int, split_points: tuple[st
             del container._modules[attr]
         else:
             setattr(parent, attr, SkippedModule(name, getattr(parent, attr), stage))
+    container.__class__ = _stage_layers_class(type(container))
+    container.pipeline_stage = stage  # type: ignore[assignment]
     return removed
+
+
+class _StageLayers:
+    """A layer list holding one stage's layers under their original indices: `layers[i]` for a layer
+    another stage holds raises an error that says so (iterating runs this stage's layers)."""
+
+    pipeline_stage: int
+
+    def __getitem__(self, idx: Any) -> Any:
+        if not isinstance(idx, int):
+            return super().__getitem__(idx)  # type: ignore[misc]
+        modules: dict[str, nn.Module] = self._modules  # type: ignore[attr-defined]
+        if str(idx) in modules:
+            return modules[str(idx)]
+        raise TrainingError(
+            f"layer {idx} of this list is held by another pipeline stage; stage {self.pipeline_stage} holds "
+            f"layers {', '.join(modules)}. Iterate over the list (for layer in self.layers) instead of "
+            "indexing it, so each stage runs its own layers."
+        )
+
+
+def _stage_layers_class(cls: type) -> type:
+    if issubclass(cls, _StageLayers):
+        return cls
+    return type(cls.__name__, (_StageLayers, cls), {"__module__": cls.__module__})
 
 
 def _check_ties(model: nn.Module, owners: dict[str, int]) -> None:

@@ -274,6 +274,11 @@ def test_each_stage_keeps_its_layers_under_their_original_names():
     assert len(removed) == 2 * 6 + 2 + 2  # blocks 2-3 (six tensors each), norm and head
     x = torch.randn(3, 8)
     assert torch.equal(last.embed(x), x)  # an activation passes through a module another stage holds
+    assert last.blocks[2] is next(iter(last.blocks)) and isinstance(last.blocks, nn.ModuleList)
+    with pytest.raises(
+        TrainingError, match=r"layer 0 of this list is held by another pipeline stage; stage 1"
+    ):
+        last.blocks[0]
 
 
 def test_split_points_choose_the_stages():
