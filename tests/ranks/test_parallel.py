@@ -231,6 +231,12 @@ def _llama() -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
+def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss: each position predicts the next id."""
+    vocab = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+
+
 def _train_llama(**settings: Any) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
@@ -244,7 +250,10 @@ def _train_llama(**settings: Any) -> dict[str, Any]:
         losses = []
         for _ in range(2):
             for (batch,) in loader:
-                loss = model(input_ids=batch, labels=batch).loss
+                if ctx.pp_size > 1:  # the pipeline computes the loss on its last stage
+                    loss = model(batch, target=batch, loss_fn=_lm_loss)
+                else:
+                    loss = _lm_loss(model(input_ids=batch).logits, batch)
                 backward(loss)
                 clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
@@ -255,9 +264,14 @@ def _train_llama(**settings: Any) -> dict[str, Any]:
         return {"losses": losses, "split": split, "state": full}
 
 
-def test_a_transformers_llama_trains_under_tp2_with_the_builtin_plan():
+def _llama_worker() -> dict[str, Any]:
+    return {"tp": _train_llama(parallelism={"tp": 2}), "pp": _train_llama(parallelism={"pp": 2})}
+
+
+def test_a_transformers_llama_trains_under_tp2_with_the_builtin_plan_and_as_a_pipeline():
     reference = _train_llama()
-    results = run_ranks(_train_llama, 2, timeout=400, parallelism={"tp": 2})
+    results_all = run_ranks(in_one_group, 2, _llama_worker, timeout=400)
+    results = [r["tp"] for r in results_all]
     assert max(abs(a - b) for a, b in zip(results[0]["losses"], reference["losses"], strict=True)) < 1e-5
     assert reference["losses"][-1] < reference["losses"][0]
     assert max_difference(results[0]["state"], reference["state"]) < 1e-5
@@ -267,3 +281,7 @@ def test_a_transformers_llama_trains_under_tp2_with_the_builtin_plan():
     )
     assert "model.embed_tokens.weight" in split and "lm_head.weight" in split
     assert "model.layers.0.input_layernorm.weight" not in split
+    # the same model cut into 2 pipeline stages (embedding + layer 0, layer 1 + norm + head)
+    pipelined = [r["pp"] for r in results_all]
+    assert max(abs(a - b) for a, b in zip(pipelined[0]["losses"], reference["losses"], strict=True)) < 1e-5
+    assert max_difference(pipelined[0]["state"], reference["state"]) < 1e-5
