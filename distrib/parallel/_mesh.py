@@ -2,9 +2,10 @@
 
 Dimensions, outermost first (torchtitan's order, so that the innermost, most talkative dimension, tensor
 parallel, spans neighbouring ranks, i.e. one machine): `pp`, `dp_replicate`, `dp_shard`, `cp`, `tp`. Every
-dimension is in the mesh even when its size is 1, so `ctx.mesh["tp"]` always works. Three flattened views
+dimension is in the mesh even when its size is 1, so `ctx.mesh["tp"]` always works. Flattened views
 serve the strategies and collectives: `dp` (`dp_replicate` x `dp_shard`: who gets different batches),
-`dp_cp` (plus `cp`: over whom gradients and losses are averaged) and `dp_shard_cp` (what FSDP2 shards over).
+`dp_cp` (plus `cp`: over whom gradients and losses are averaged) and `dp_shard_cp` (what FSDP2 shards over);
+two more, with `tp`, let DTensor reduce over FSDP2 x TP meshes in one collective.
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ if TYPE_CHECKING:
 #: the mesh's dimension names, outermost first
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 #: flattened views: name -> the dimensions they join
-FLAT_VIEWS = {"dp": ("dp_replicate", "dp_shard"), "dp_cp": ("dp_replicate", "dp_shard", "cp"),
-              "dp_shard_cp": ("dp_shard", "cp")}  # fmt: skip
+FLAT_VIEWS = {
+    "dp": ("dp_replicate", "dp_shard"),
+    "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+    "dp_shard_cp": ("dp_shard", "cp"),
+    # not used by distrib directly: with them DTensor reduces over FSDP2 x TP meshes (a gradient norm) in
+    # one collective instead of one per dimension
+    "dp_shard_cp_tp": ("dp_shard", "cp", "tp"),
+    "dp_cp_tp": ("dp_replicate", "dp_shard", "cp", "tp"),
+}
 
 
 @dataclass(frozen=True)
