@@ -1,4 +1,5 @@
-"""Per-rank memory of parameters, gradients and optimizer state: DDP vs FSDP2 vs DeepSpeed ZeRO-3.
+"""Per-rank memory of parameters, gradients and optimizer state: DDP, FSDP2, tensor parallel (TP),
+FSDP2 x TP and DeepSpeed ZeRO-3.
 
 The same transformer-like model (8 blocks of width 256 with a 4x MLP, about 4.2 M parameters, fp32) is
 prepared by distrib under each strategy with AdamW, on 2 and on 4 CPU processes (gloo). After one full
@@ -8,13 +9,16 @@ bytes of the tensor storages it holds, each storage once:
 * DDP: the parameters, their `.grad`, and the optimizer's state (DDP's own bucket copies of the gradients
   are not visible to Python and are not counted);
 * FSDP2: the local shards of the DTensor parameters, gradients and optimizer state;
+* TP (`parallelism={"tp": N}`, every block's MLP split column- then row-wise, see `TP_PLAN`): the local
+  shards of the split layers plus the whole norms and head, which stay replicated; FSDP2 x TP
+  (`strategy="fsdp"`, `tp=2`, data-parallel shards over the rest) shards both ways;
 * ZeRO-3: each parameter's local partition (`ds_tensor`), then every tensor reachable from DeepSpeed's
   optimizer object (fp32 master partitions and the AdamW state: "optimizer"; buffers whose attribute
   path names a gradient or an "ipg" gradient bucket: "grads"). DeepSpeed keeps an fp32 master copy even for fp32 training, so its
   optimizer column includes one more partition than FSDP's. Its buckets are sized for this model (see
   `ZERO3`): with DeepSpeed's defaults each rank also allocates a 1.9 GB reduce bucket.
 
-The sharded columns should be about 1/N of DDP's. Run with:
+The sharded columns should be about 1/N of DDP's; TP a bit more (its replicated norms and head). Run with:
 
     python benchmarks/bench_memory.py [--json memory.json] [--world-sizes 2 4]
 
@@ -49,6 +53,10 @@ ZERO3 = {
         }
     },
 }
+
+
+#: the tensor-parallel plan of `Model`
+TP_PLAN = {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
 
 
 class Block(nn.Module):
@@ -168,7 +176,15 @@ def _worker(with_deepspeed: bool) -> dict[str, dict[str, int]]:
 
     dist.init_process_group("gloo")
     try:
-        results = {"DDP": _measure("ddp", {}), "FSDP2 (full)": _measure("fsdp", {})}
+        world = dist.get_world_size()
+        results = {
+            "DDP": _measure("ddp", {}),
+            "FSDP2 (full)": _measure("fsdp", {}),
+            f"TP (tp={world})": _measure("ddp", {"parallelism": {"tp": world, "tp_plan": TP_PLAN}}),
+            f"FSDP2 x TP ({world // 2} x 2)": _measure(
+                "fsdp", {"parallelism": {"tp": 2, "tp_plan": TP_PLAN}}
+            ),
+        }
         if with_deepspeed:
             results["ZeRO-3"] = _measure("deepspeed", {"deepspeed": ZERO3})
         return results

@@ -41,7 +41,7 @@ TITLES = {
     "launch": "Start-up: distrib launch vs torchrun, import distrib vs import torch",
     "checkpoint": "save_state / load_state throughput",
     "big_model": "Big-model loading",
-    "memory": "Per-rank memory: DDP vs FSDP2 vs DeepSpeed ZeRO-3",
+    "memory": "Per-rank memory: DDP, FSDP2, tensor parallel, FSDP2 x TP, DeepSpeed ZeRO-3",
 }
 # short-run flags for the benchmarks that have no --quick of their own
 QUICK_ARGS = {"launch": ["--repeats", "1"], "memory": ["--world-sizes", "2"]}

@@ -33,6 +33,10 @@ _EXPORTS: dict[str, str] = {
     "CompileOptions": "_options",
     "DeepSpeedOptions": "_options",
     "XLAOptions": "_options",
+    # N-D parallelism
+    "ParallelismOptions": "_options",
+    "PipelinedModel": "parallel._pipeline",
+    "context_parallel": "parallel._context",
     # training
     "prepare": "_prepare",
     "unwrap_model": "_prepare",
@@ -144,7 +148,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._data.order import sample_generator
     from ._launch.notebook import debug_launcher, notebook_launcher
     from ._logging import get_logger
-    from ._options import CompileOptions, DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
+    from ._options import (
+        CompileOptions,
+        DDPOptions,
+        DeepSpeedOptions,
+        FSDPOptions,
+        ParallelismOptions,
+        XLAOptions,
+    )
     from ._precision import autocast
     from ._prepare import prepare, unwrap_model
     from ._process import (
@@ -212,3 +223,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         save_model,
         save_state,
     )
+    from .parallel._context import context_parallel
+    from .parallel._pipeline import PipelinedModel

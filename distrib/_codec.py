@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import _validation
-from ._options import DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
+from ._options import DDPOptions, DeepSpeedOptions, FSDPOptions, ParallelismOptions, XLAOptions
 from ._settings import settings_field_types
 from .errors import SettingsError
 
@@ -36,6 +36,7 @@ SECTIONS: dict[str, type] = {
     "fsdp": FSDPOptions,
     "deepspeed": DeepSpeedOptions,
     "xla": XLAOptions,
+    "parallelism": ParallelismOptions,
 }
 
 # text that `_validation.parse_text` reads as something other than a string

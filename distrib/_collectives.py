@@ -62,15 +62,23 @@ def _check_compatible(caller: str, headers: torch.Tensor, count: int) -> list[li
     return shapes
 
 
+def _data_group(runtime: Runtime, name: str = "dp") -> tuple[Any, int]:
+    """(group, size) of the data collectives: the data-parallel ranks under N-D parallelism, whose other
+    ranks (tensor/context/pipeline) hold copies of the same samples; else every rank (group None)."""
+    if runtime.parallel is None:
+        return None, runtime.world_size
+    return runtime.parallel.group(name), runtime.parallel.size(name)
+
+
 def _all_gather_tensors(caller: str, runtime: Runtime, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    world = runtime.world_size
+    group, world = _data_group(runtime)
     tensors = [t.reshape(1) if t.dim() == 0 else t for t in tensors]
     device = tensors[0].device if tensors else runtime.device
     header = _header(tensors, device)
     headers = torch.empty(world, header.numel(), dtype=torch.int64, device=device)
-    dist.all_gather(list(headers.unbind(0)), header)
+    dist.all_gather(list(headers.unbind(0)), header, group=group)
     if bool((headers == header).all()):
-        return _gather_same_shapes(tensors, world)  # the common case: nothing to check or unpad
+        return _gather_same_shapes(tensors, world, group)  # the common case: nothing to check or unpad
     shapes = _check_compatible(caller, headers, len(tensors))
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for dtype in dict.fromkeys(t.dtype for t in tensors):
@@ -80,7 +88,7 @@ def _all_gather_tensors(caller: str, runtime: Runtime, tensors: list[torch.Tenso
         local = torch.cat([tensors[i].reshape(-1) for i in idx])
         buffer[: local.numel()] = local
         parts = [torch.empty_like(buffer) for _ in range(world)]
-        dist.all_gather(parts, buffer)
+        dist.all_gather(parts, buffer, group=group)
         per_rank = []
         for r in range(world):
             pieces = parts[r][: sizes[r]].split([shapes[r][i].numel() for i in idx])
@@ -90,7 +98,7 @@ def _all_gather_tensors(caller: str, runtime: Runtime, tensors: list[torch.Tenso
     return [t for t in out if t is not None]
 
 
-def _gather_same_shapes(tensors: list[torch.Tensor], world: int) -> list[torch.Tensor]:
+def _gather_same_shapes(tensors: list[torch.Tensor], world: int, group: Any = None) -> list[torch.Tensor]:
     """Every rank sent the same shapes: one flat buffer per dtype, results are (mostly) views of it."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for dtype in dict.fromkeys(t.dtype for t in tensors):
@@ -99,7 +107,7 @@ def _gather_same_shapes(tensors: list[torch.Tensor], world: int) -> list[torch.T
             tensors[idx[0]].reshape(-1) if len(idx) == 1 else torch.cat([tensors[i].reshape(-1) for i in idx])
         )
         gathered = local.new_empty(world * local.numel())
-        dist.all_gather(list(gathered.chunk(world)), local.contiguous())
+        dist.all_gather(list(gathered.chunk(world)), local.contiguous(), group=group)
         rows = gathered.view(world, -1)
         offset = 0
         for i in idx:
@@ -113,7 +121,8 @@ def _gather_same_shapes(tensors: list[torch.Tensor], world: int) -> list[torch.T
 def gather(data: Any) -> Any:
     """Gather tensors (in any nested structure) from every rank, concatenated along dim 0 in rank order.
 
-    Scalars become 1-element tensors. Tensors may differ in their first dimension only; otherwise a
+    With N-D parallelism (the `parallelism` setting) it gathers over the data-parallel ranks only: the
+    ranks of one tensor/context/pipeline group hold the same samples. Scalars become 1-element tensors. Tensors may differ in their first dimension only; otherwise a
     `CollectiveError` says to use `pad_across_processes`. Example::
 
         all_losses = gather(loss.detach())       # shape [world_size]
@@ -121,7 +130,7 @@ def gather(data: Any) -> Any:
     """
     runtime = current("gather")
     tensors = leaves(data)
-    if runtime.world_size == 1:
+    if _data_group(runtime)[1] == 1:
         return tree_map(lambda t: t.reshape(1) if t.dim() == 0 else t, data)
     return replace_leaves(data, _all_gather_tensors("gather", runtime, tensors))
 
@@ -134,10 +143,14 @@ def gather_object(obj: Any) -> list[Any]:
         names = gather_object([f"sample-{i}" for i in my_ids])
     """
     runtime = current("gather_object")
-    if runtime.world_size == 1:
+    return _gather_objects(obj, None, runtime.world_size)
+
+
+def _gather_objects(obj: Any, group: Any, world: int) -> list[Any]:
+    if world == 1:
         return list(obj) if isinstance(obj, list) else [obj]
-    out: list[Any] = [None] * runtime.world_size
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj, group=group)
     if isinstance(obj, list):
         return [item for part in out for item in part]
     return out
@@ -157,10 +170,10 @@ def gather_for_metrics(data: Any, use_gather_object: bool = False) -> Any:
     runtime = current("gather_for_metrics")
     tensors = leaves(data)
     object_mode = use_gather_object or not tensors
-    gathered = gather_object(data) if object_mode else gather(data)
+    gathered = _gather_objects(data, *_data_group(runtime)) if object_mode else gather(data)
     loader = runtime.state.active_dataloader
     remainder = getattr(loader, "remainder", None) if loader is not None else None
-    if runtime.world_size == 1 or loader is None or not loader.end_of_dataloader or remainder is None:
+    if _data_group(runtime)[1] == 1 or loader is None or not loader.end_of_dataloader or remainder is None:
         return gathered
     if object_mode:
         return gathered[:remainder]
@@ -176,14 +189,15 @@ def pad_across_processes(data: Any, dim: int = 0, pad_index: Any = 0, pad_first:
         all_tokens = gather(tokens)
     """
     runtime = current("pad_across_processes")
-    if runtime.world_size == 1:
+    group, world = _data_group(runtime)
+    if world == 1:
         return data
 
     def pad(t: torch.Tensor) -> torch.Tensor:
         d = dim % t.dim()
         size = torch.tensor([t.shape[d]], device=t.device)
-        sizes = [torch.empty_like(size) for _ in range(runtime.world_size)]
-        dist.all_gather(sizes, size)
+        sizes = [torch.empty_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=group)
         longest = int(max(s.item() for s in sizes))
         if longest == t.shape[d]:
             return t
@@ -199,7 +213,8 @@ def pad_across_processes(data: Any, dim: int = 0, pad_index: Any = 0, pad_first:
 
 
 def reduce(data: Any, reduction: Literal["sum", "mean"] = "sum", scale: float = 1.0) -> Any:
-    """All-reduce tensors (nested) across ranks; returns new tensors. Example::
+    """All-reduce tensors (nested) across ranks; returns new tensors. With N-D parallelism it reduces over
+    the data- and context-parallel ranks (each holds a different part of the batch). Example::
 
     mean_loss = reduce(loss.detach(), "mean")
     """
@@ -207,26 +222,31 @@ def reduce(data: Any, reduction: Literal["sum", "mean"] = "sum", scale: float = 
     if reduction not in ("sum", "mean"):
         raise CollectiveError(f"reduce(reduction={reduction!r}) must be 'sum' or 'mean'.")
 
-    if runtime.world_size > 1:
-        _check_same_shapes("reduce", runtime, leaves(data))
+    # a loss is averaged over the ranks that saw different samples (and sequence slices): dp x cp
+    group, world = _data_group(runtime, "dp_cp")
+    if world > 1:
+        _check_same_shapes("reduce", runtime, leaves(data), group, world)
 
     def one(t: torch.Tensor) -> torch.Tensor:
         out = t.clone()
-        if runtime.world_size > 1:
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        if world > 1:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         if reduction == "mean":
-            out = out / runtime.world_size
+            out = out / world
         return out * scale if scale != 1.0 else out
 
     return tree_map(one, data)
 
 
-def _check_same_shapes(caller: str, runtime: Runtime, tensors: list[torch.Tensor]) -> None:
+def _check_same_shapes(
+    caller: str, runtime: Runtime, tensors: list[torch.Tensor], group: Any = None, world: int | None = None
+) -> None:
     """Raise (on every rank) instead of hanging when the ranks' tensors differ in shape or dtype."""
     device = tensors[0].device if tensors else runtime.device
     header = _header(tensors, device)
-    headers = torch.empty(runtime.world_size, header.numel(), dtype=torch.int64, device=device)
-    dist.all_gather(list(headers.unbind(0)), header)
+    world = runtime.world_size if world is None else world
+    headers = torch.empty(world, header.numel(), dtype=torch.int64, device=device)
+    dist.all_gather(list(headers.unbind(0)), header, group=group)
     if bool((headers == header).all()):
         return
     table = headers.tolist()
@@ -281,7 +301,8 @@ def split_between_processes(inputs: Any, apply_padding: bool = False) -> Iterato
             results = [generate(p) for p in my_prompts]
     """
     runtime = current("split_between_processes")
-    yield _share(inputs, runtime.rank, runtime.world_size, apply_padding)
+    # by data-parallel rank: ranks of one tensor/context/pipeline group must get the same share
+    yield _share(inputs, runtime.dp_rank, runtime.dp_world_size, apply_padding)
 
 
 def _share(inputs: Any, rank: int, world: int, pad: bool) -> Any:

@@ -6,6 +6,7 @@ Each is validated by the same field-walking code as `Settings` (see `_validation
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,6 +16,19 @@ from .errors import SettingsError
 
 FSDPSharding = Literal["full", "grad_op", "hybrid", "no_shard"]
 ZeroStage = Literal[0, 1, 2, 3]
+PipelineSchedule = Literal["gpipe", "1f1b"]
+#: the text forms of torch's tensor-parallel styles a `tp_plan` may use (see `ParallelismOptions`)
+TP_STYLES = (
+    "colwise",
+    "rowwise",
+    "sequence",
+    "colwise_gather_output",
+    "colwise_from_sequence",
+    "rowwise_to_sequence",
+    "rowwise_from_replicate",
+)
+#: sizes of the device mesh, in `ParallelismOptions`' field order
+MESH_SIZES = ("dp_replicate", "dp_shard", "tp", "cp", "pp")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,3 +228,101 @@ class XLAOptions(_validation.KeywordFields):
         for name in ("loader_prefetch_size", "device_prefetch_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"XLAOptions.{name}={getattr(self, name)} must be >= 1.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelismOptions:
+    """N-D parallelism on one named `DeviceMesh`: data replicate x data shard x context x tensor x pipeline.
+
+    The sizes multiply to the number of processes; `-1` (at most one of them) means "the rest of the
+    world size". `dp_replicate` and `dp_shard` are the data-parallel dimensions (with `strategy="fsdp"`,
+    FSDP2 shards over `dp_shard` and replicates over `dp_replicate`; otherwise both are replicas and
+    gradients are all-reduced over them), `tp` splits layers (tensor parallel), `cp` splits long sequences
+    (context parallel, CUDA only), `pp` splits the stack of layers into pipeline stages.
+
+    `tp_plan` says how each module is split: `fnmatch` patterns over module names (matching the full name
+    or any dotted suffix of it) mapped to torch's parallel styles, given as objects
+    (`ColwiseParallel()`, ...) or as text: "colwise", "rowwise", "sequence", "colwise_gather_output",
+    "colwise_from_sequence", "rowwise_to_sequence", "rowwise_from_replicate"; None (or a pattern mapped to
+    None) leaves modules replicated. The first matching pattern wins. Without a plan (None or "auto"),
+    Llama-style and GPT-2-style transformers models get a built-in one. `pp_schedule` ("gpipe" or
+    "1f1b") and `pp_microbatches` (default: `pp`) choose the pipeline schedule; `pp_split_points` names
+    the layers that start stages 1, 2, ... (default: the model's stack of blocks split evenly).
+    Example::
+
+        with distributed(strategy="fsdp", parallelism=ParallelismOptions(dp_shard=2, tp=2)) as ctx:
+            print(ctx.dp_rank, ctx.tp_rank, ctx.mesh)
+        # or as a dict, a launcher flag (--tp-size 2) or a config key (parallelism: {tp: 2}):
+        with distributed(parallelism={"tp": 2, "tp_plan": {"layers.*.mlp.up_proj": "colwise"}}):
+            ...
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    tp_plan: dict[str, Any] | str | None = None
+    pp_schedule: PipelineSchedule = "1f1b"
+    pp_microbatches: int | None = None
+    pp_split_points: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tp_plan, str) and self.tp_plan.strip().startswith("{"):
+            object.__setattr__(self, "tp_plan", _plan_from_json(self.tp_plan))
+        if isinstance(self.pp_split_points, str):  # text from a launcher flag: "layers.2,layers.4"
+            points = tuple(p.strip() for p in self.pp_split_points.split(",") if p.strip())
+            object.__setattr__(self, "pp_split_points", points)
+        _validation.validate_fields(self)
+        for name in MESH_SIZES:
+            value = getattr(self, name)
+            if value < 1 and value != -1:
+                raise SettingsError(
+                    f"ParallelismOptions.{name}={value} must be >= 1, or -1 for the rest of the world size."
+                )
+        rest = [name for name in MESH_SIZES if getattr(self, name) == -1]
+        if len(rest) > 1:
+            default = " (dp_shard is -1 unless given)" if "dp_shard" in rest else ""
+            raise SettingsError(
+                f"ParallelismOptions sets {' and '.join(rest)} to -1{default}; only one size can be 'the rest "
+                "of the world size'. Give the others as numbers, e.g. dp_shard=1."
+            )
+        if self.pp_microbatches is not None and self.pp_microbatches < 1:
+            raise SettingsError(f"ParallelismOptions.pp_microbatches={self.pp_microbatches} must be >= 1.")
+        _check_plan(self.tp_plan)
+
+    def sizes(self) -> dict[str, int]:
+        """The five sizes as given (-1 not yet resolved), by name."""
+        return {name: getattr(self, name) for name in MESH_SIZES}
+
+
+def _plan_from_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"ParallelismOptions.tp_plan={text!r} is not valid JSON ({exc}).") from None
+
+
+def _check_plan(plan: Any) -> None:
+    if plan is None or plan == "auto":
+        return
+    if isinstance(plan, str):
+        raise SettingsError(
+            f"ParallelismOptions.tp_plan={plan!r} is not valid: give 'auto' (a built-in plan), a mapping of "
+            "module-name patterns to styles, or that mapping as JSON text."
+        )
+    for pattern, style in plan.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise SettingsError(
+                f"ParallelismOptions.tp_plan: the pattern {pattern!r} must be a non-empty str."
+            )
+        if isinstance(style, str) and style not in TP_STYLES:
+            raise SettingsError(
+                f"ParallelismOptions.tp_plan[{pattern!r}]={style!r} is not a style; use one of "
+                f"{', '.join(map(repr, TP_STYLES))}, a torch ParallelStyle object, or None (replicated)."
+            )
+        if style is not None and not isinstance(style, str) and not hasattr(style, "_apply"):
+            raise SettingsError(
+                f"ParallelismOptions.tp_plan[{pattern!r}] is a {type(style).__name__}; give a style name "
+                "such as 'colwise', a torch.distributed.tensor.parallel ParallelStyle, or None."
+            )

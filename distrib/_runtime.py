@@ -18,7 +18,10 @@ from ._settings import Settings
 from .errors import NoScopeError
 
 if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
     from ._precision import PrecisionPlan
+    from .parallel import ParallelState
     from .strategies import Strategy
 
 F = TypeVar("F", bound=Callable[[], Any])
@@ -85,6 +88,8 @@ class Runtime:
     owns_process_group: bool = False
     #: which attempt of the job this is: 0 first, then one more per restart (`--max-restarts`, elastic)
     restart_count: int = 0
+    #: the N-D parallelism mesh and this rank's place in it (`parallelism` setting), else None
+    parallel: ParallelState | None = None
 
     @property
     def strategy(self) -> str:
@@ -127,6 +132,72 @@ class Runtime:
         """Real optimizer steps taken so far (restored by `load_state`; accumulation micro-steps and fp16
         steps skipped for inf/NaN gradients do not count)."""
         return self.state.optimizer_steps
+
+    # -- N-D parallelism (distrib/parallel): each dimension's rank and size, 0 and 1 without a mesh -------
+    @property
+    def mesh(self) -> DeviceMesh | None:
+        """The run's named `DeviceMesh` ("pp", "dp_replicate", "dp_shard", "cp", "tp"), or None when the
+        `parallelism` setting is not used. Example: `tp_group = ctx.mesh["tp"].get_group()`."""
+        return self.parallel.mesh if self.parallel is not None else None
+
+    def _dim(self, name: str) -> tuple[int, int]:
+        if self.parallel is None:
+            whole = name in ("dp", "dp_shard")  # without a mesh, every rank is one data-parallel replica
+            return (self.rank, self.world_size) if whole else (0, 1)
+        return self.parallel.rank(name), self.parallel.size(name)
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel ranks (those that get different batches)."""
+        return self._dim("dp")[0]
+
+    @property
+    def dp_world_size(self) -> int:
+        """How many ranks get different batches (`dp_replicate * dp_shard`); `world_size` without a mesh."""
+        return self._dim("dp")[1]
+
+    dp_size = dp_world_size
+
+    @property
+    def dp_replicate_rank(self) -> int:
+        return self._dim("dp_replicate")[0]
+
+    @property
+    def dp_replicate_size(self) -> int:
+        return self._dim("dp_replicate")[1]
+
+    @property
+    def dp_shard_rank(self) -> int:
+        return self._dim("dp_shard")[0]
+
+    @property
+    def dp_shard_size(self) -> int:
+        return self._dim("dp_shard")[1]
+
+    @property
+    def tp_rank(self) -> int:
+        return self._dim("tp")[0]
+
+    @property
+    def tp_size(self) -> int:
+        return self._dim("tp")[1]
+
+    @property
+    def cp_rank(self) -> int:
+        return self._dim("cp")[0]
+
+    @property
+    def cp_size(self) -> int:
+        return self._dim("cp")[1]
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage (0 first)."""
+        return self._dim("pp")[0]
+
+    @property
+    def pp_size(self) -> int:
+        return self._dim("pp")[1]
 
     def call_on_close(self, fn: F) -> F:
         """Run `fn()` when the scope closes, before the process group is torn down; returns `fn`, so it

@@ -15,7 +15,7 @@ from typing import Any, TypeVar, overload
 import torch
 import torch.distributed as dist
 
-from . import _codec, _preemption, _runtime, strategies
+from . import _codec, _preemption, _runtime, parallel, strategies
 from ._environment import read_environment, resolve_settings
 from ._runtime import Runtime, TrainingState
 from ._settings import Settings
@@ -71,9 +71,11 @@ class distributed:
         strategy = strategies.resolve(settings, env)
         device = strategy.choose_device(env, settings)
         plan = strategy.precision_plan(settings, device)
+        dims = parallel.plan(settings, env.world_size, device, strategy.NAME, rank=env.rank)  # N-D sizes
         owns_group = strategy.init_process_group(env, settings, device)
         if owns_group:
             stack.push(_close_group)
+        mesh = parallel.build(dims, settings, device)  # the one DeviceMesh, on the process group
         runtime = Runtime(
             settings=settings,
             strategy_module=strategy,
@@ -90,6 +92,7 @@ class distributed:
             state=TrainingState(),
             owns_process_group=owns_group,
             restart_count=env.restart_count,
+            parallel=mesh,
         )
         runtime.state.strategy_state = strategy.setup(runtime)
         stack.callback(strategy.teardown, runtime)

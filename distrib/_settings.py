@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import _validation
-from ._options import CompileOptions, DDPOptions, DeepSpeedOptions, FSDPOptions, XLAOptions
+from ._options import (
+    CompileOptions,
+    DDPOptions,
+    DeepSpeedOptions,
+    FSDPOptions,
+    ParallelismOptions,
+    XLAOptions,
+)
 from .errors import SettingsError
 
 StrategyName = Literal["auto", "single", "ddp", "fsdp", "deepspeed", "xla"]
@@ -55,6 +62,7 @@ class Settings(_validation.KeywordFields):
     fsdp: FSDPOptions = field(default_factory=FSDPOptions)
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
     xla: XLAOptions = field(default_factory=XLAOptions)
+    parallelism: ParallelismOptions = field(default_factory=ParallelismOptions)
 
     def __post_init__(self) -> None:
         _validation.validate_fields(self)

@@ -15,6 +15,7 @@ OUT = Path(__file__).parent / "reference" / "api.md"
 SECTIONS = {
     "Scope and runtime": ("_scope", "_runtime", "_settings", "_options"),
     "Training": ("_prepare", "_training", "_precision", "_data"),
+    "N-D parallelism": ("parallel",),
     "Collectives": ("_collectives",),
     "Process control": ("_process",),
     "Checkpoints": ("checkpointing",),

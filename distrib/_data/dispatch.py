@@ -41,14 +41,14 @@ class DispatchedDataLoader(PreparedDataLoader):
     def from_loader(cls, runtime: Runtime, loader: DataLoader, seed: int) -> DispatchedDataLoader:  # type: ignore[type-arg]
         per_rank = loader.batch_size or 1
         if runtime.settings.split_batches:
-            if per_rank % runtime.world_size:
+            if per_rank % runtime.dp_world_size:
                 raise PrepareError(
                     f"split_batches=True needs the DataLoader's batch_size ({per_rank}) to be a multiple of "
-                    f"the number of processes ({runtime.world_size}); change the batch size or use "
-                    "split_batches=False."
+                    f"the number of data-parallel processes ({runtime.dp_world_size}); change the batch size "
+                    "or use split_batches=False."
                 )
-            per_rank //= runtime.world_size
-        global_size = per_rank * runtime.world_size
+            per_rank //= runtime.dp_world_size
+        global_size = per_rank * runtime.dp_world_size
         # rank 0 cuts global batches: one "rank" of one, which never pads (padding happens in _slice)
         cutter = GlobalBatchCutter(global_size, 0, 1, loader.drop_last, False)
         common: dict[str, Any] = {
@@ -75,14 +75,14 @@ class DispatchedDataLoader(PreparedDataLoader):
 
     def _set_per_rank(self, batch_size: int) -> None:
         self.per_rank = batch_size
-        global_size = batch_size * self.runtime.world_size
+        global_size = batch_size * self.runtime.dp_world_size
         self.shard.cutter.batch_size = global_size
         if isinstance(self.shard, ShardedIterableDataset):
             self.batch_sampler.batch_size = global_size  # type: ignore[union-attr]  # ours: DataLoader built it
             object.__setattr__(self, "batch_size", global_size)
 
     def _check_slice(self) -> tuple[int, int]:
-        return 0, self.per_rank * self.runtime.world_size  # rank 0 sees (and checks) whole global batches
+        return 0, self.per_rank * self.runtime.dp_world_size  # rank 0 sees (and checks) whole global batches
 
     def _collective_check(self) -> bool:
         return False  # only rank 0 draws; a failure reaches the others with the next header
@@ -156,8 +156,9 @@ class DispatchedDataLoader(PreparedDataLoader):
         return replace_leaves(structure, moved, leaf=_Slot), is_last
 
     def _slice(self, batch: Any, is_last: bool) -> Any:
-        rank, size = self.runtime.rank, self.per_rank
-        full = size * self.runtime.world_size
+        # ranks of one tensor/context/pipeline group share a data-parallel rank, so they get the same slice
+        rank, size = self.runtime.dp_rank, self.per_rank
+        full = size * self.runtime.dp_world_size
         n = len(leaves(batch)[0]) if leaves(batch) else full
         if n < full and is_last:
             self._remainder = n

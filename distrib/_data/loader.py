@@ -104,13 +104,15 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
             object.__setattr__(self, "batch_size", batch_size)
 
     def _units_per_batch(self) -> int:
-        return self._per_rank() * self.runtime.world_size
+        return self._per_rank() * self.runtime.dp_world_size
 
     def _num_units(self) -> int | None:
         return self.shard.num_units()
 
     def _geometry(self) -> Geometry:
-        return Geometry(self._per_rank(), self.runtime.world_size, self.runtime.gradient_accumulation_steps)
+        return Geometry(
+            self._per_rank(), self.runtime.dp_world_size, self.runtime.gradient_accumulation_steps
+        )
 
     @property
     def next_start_batch(self) -> int:
@@ -213,7 +215,7 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
             if owner is not None and runtime.gradient_accumulation_steps != plan.accumulation:
                 raise CheckpointMismatchError(
                     f"{owner} and {self._name()} need different gradient accumulation steps to keep their "
-                    f"global batches on {runtime.world_size} processes; relaunch with "
+                    f"global batches on {runtime.dp_world_size} data-parallel processes; relaunch with "
                     f"{saved.geometry.world_size} processes or set their batch sizes in the script."
                 )
             runtime.state.gradient_accumulation_steps = plan.accumulation
@@ -280,7 +282,7 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
 
     def _check_slice(self) -> tuple[int, int]:
         """The units of a global batch that this rank draws first."""
-        rank, size = self.runtime.rank, (1 if self.shard.unit == "batches" else self._per_rank())
+        rank, size = self.runtime.dp_rank, (1 if self.shard.unit == "batches" else self._per_rank())
         return rank * size, (rank + 1) * size
 
     def _collective_check(self) -> bool:

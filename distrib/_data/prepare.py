@@ -44,7 +44,7 @@ def prepare_dataloader(runtime: Runtime, loader: DataLoader, seed: int) -> DataL
     settings = runtime.settings
     is_iterable = isinstance(loader.dataset, IterableDataset)
     dispatch = settings.dispatch_batches if settings.dispatch_batches is not None else is_iterable
-    if dispatch and runtime.world_size > 1:
+    if dispatch and runtime.dp_world_size > 1:
         prepared: PreparedDataLoader = DispatchedDataLoader.from_loader(runtime, loader, seed)
     elif is_iterable:
         prepared = _iterable(runtime, loader, seed)
@@ -66,7 +66,11 @@ def _common(runtime: Runtime, loader: DataLoader, seed: int) -> dict[str, Any]: 
 def _iterable(runtime: Runtime, loader: DataLoader, seed: int) -> PreparedDataLoader:  # type: ignore[type-arg]
     batch_size = _per_rank_batch_size(runtime, loader)
     cutter = GlobalBatchCutter(
-        batch_size or 1, runtime.rank, runtime.world_size, loader.drop_last, runtime.settings.even_batches
+        batch_size or 1,
+        runtime.dp_rank,
+        runtime.dp_world_size,
+        loader.drop_last,
+        runtime.settings.even_batches,
     )
     dataset = ShardedIterableDataset(loader.dataset, cutter)  # type: ignore[arg-type]
     return PreparedDataLoader(
@@ -87,7 +91,7 @@ def _map_style(runtime: Runtime, loader: DataLoader, seed: int) -> PreparedDataL
         batch_size = _per_rank_batch_size(runtime, loader)
         assert batch_size is not None
         cutter = GlobalBatchCutter(
-            batch_size, runtime.rank, runtime.world_size, batch_sampler.drop_last, settings.even_batches
+            batch_size, runtime.dp_rank, runtime.dp_world_size, batch_sampler.drop_last, settings.even_batches
         )
         shard = ShardedBatchSampler(EpochOrder(loader.sampler, loader.generator, seed), cutter)
         return PreparedDataLoader(
@@ -102,8 +106,8 @@ def _map_style(runtime: Runtime, loader: DataLoader, seed: int) -> PreparedDataL
     if batch_sampler is not None:
         custom = ShardedCustomBatchSampler(
             EpochOrder(batch_sampler, loader.generator, seed),
-            runtime.rank,
-            runtime.world_size,
+            runtime.dp_rank,
+            runtime.dp_world_size,
             settings.even_batches,
         )
         return PreparedDataLoader(
@@ -124,7 +128,10 @@ def _unbatched(runtime: Runtime, loader: DataLoader, seed: int, common: dict[str
         )
     settings = runtime.settings
     shard = ShardedCustomBatchSampler(
-        EpochOrder(sampler, loader.generator, seed), runtime.rank, runtime.world_size, settings.even_batches
+        EpochOrder(sampler, loader.generator, seed),
+        runtime.dp_rank,
+        runtime.dp_world_size,
+        settings.even_batches,
     )
     return PreparedDataLoader(
         loader.dataset, sampler=shard, batch_size=None, generator=loader.generator, shard=shard, **common
@@ -161,9 +168,10 @@ def _per_rank_batch_size(runtime: Runtime, loader: DataLoader) -> int | None:  #
     batch_size = loader.batch_size
     if batch_size is None or not runtime.settings.split_batches:
         return batch_size
-    if batch_size % runtime.world_size:
+    if batch_size % runtime.dp_world_size:
         raise PrepareError(
             f"split_batches=True needs the DataLoader's batch_size ({batch_size}) to be a multiple of the "
-            f"number of processes ({runtime.world_size}); change the batch size or use split_batches=False."
+            f"number of data-parallel processes ({runtime.dp_world_size}); change the batch size or use "
+            "split_batches=False."
         )
-    return batch_size // runtime.world_size
+    return batch_size // runtime.dp_world_size

@@ -83,6 +83,7 @@ def setting_annotation(key: str) -> Any:
 
 
 P, R, T, F, D = "Processes", "Rendezvous and restarts", "Training settings", "FSDP", "DeepSpeed"
+N = "N-D parallelism (sizes multiply to the number of processes; -1: the rest)"
 ROWS: tuple[Row, ...] = (
     Row(
         "num_processes",
@@ -260,6 +261,42 @@ ROWS: tuple[Row, ...] = (
         flag="--offload-optimizer",
     ),
     Row("deepspeed.offload_params", "Keep DeepSpeed parameters on CPU (ZeRO 3).", D, flag="--offload-params"),
+    Row(
+        "parallelism.dp_replicate",
+        "Data-parallel replicas (with --strategy fsdp: FSDP2 replicates over them, HSDP).",
+        N,
+        flag="--dp-replicate-size",
+    ),
+    Row(
+        "parallelism.dp_shard",
+        "Data-parallel ranks that shard the model (FSDP2); -1: the rest of the world size.",
+        N,
+        flag="--dp-shard-size",
+    ),
+    Row(
+        "parallelism.tp", "Tensor-parallel ranks: each layer's weights split over them.", N, flag="--tp-size"
+    ),
+    Row(
+        "parallelism.cp",
+        "Context-parallel ranks: long sequences split over them (CUDA).",
+        N,
+        flag="--cp-size",
+    ),
+    Row("parallelism.pp", "Pipeline stages: the stack of layers split over them.", N, flag="--pp-size"),
+    Row(
+        "parallelism.tp_plan",
+        "Tensor-parallel plan as JSON, module-name patterns to styles, e.g. "
+        '\'{"layers.*.mlp.up_proj": "colwise"}\'; default: a built-in plan (Llama, GPT-2).',
+        N,
+        flag="--tp-plan",
+    ),
+    Row("parallelism.pp_schedule", "Pipeline schedule.", N, flag="--pp-schedule"),
+    Row(
+        "parallelism.pp_microbatches",
+        "Micro-batches per pipeline step (default: --pp-size).",
+        N,
+        flag="--pp-microbatches",
+    ),
 )
 ROWS_BY_KEY: dict[str, Row] = {row.key: row for row in ROWS}
 LAUNCH_DEFAULTS: dict[str, Any] = {row.key: row.default for row in ROWS if row.default is not None}

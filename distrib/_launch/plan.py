@@ -270,6 +270,8 @@ def _settings(values: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
 
 
 def _check_strategy_section(section: str, chosen: dict[str, Any], notes: list[str]) -> None:
+    if section == "parallelism":  # not a strategy's options: it works with ddp and fsdp alike
+        return
     if section in ("ddp", "xla") and chosen.get("strategy", "auto") == "auto":
         return
     strategy = chosen.get("strategy", "auto")

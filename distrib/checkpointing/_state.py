@@ -151,6 +151,7 @@ def _metadata(runtime: Runtime) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "strategy": runtime.strategy,
         "world_size": runtime.world_size,
+        "dp_world_size": runtime.dp_world_size,  # N-D parallelism: what dataloader positions count in
         "step": runtime.state.optimizer_steps,
         "mixed_precision": runtime.mixed_precision,
         "gradient_accumulation_steps": runtime.gradient_accumulation_steps,

@@ -42,7 +42,9 @@ def _owner(models: list[nn.Module], optimizer: torch.optim.Optimizer) -> nn.Modu
 
 
 def _pairs(runtime: Runtime) -> tuple[list[nn.Module], list[tuple[nn.Module, torch.optim.Optimizer]]]:
-    models = list(runtime.state.models)
+    from ..parallel._checkpoint import checkpoint_module  # N-D parallelism: pipeline / DDP wrappers
+
+    models = [checkpoint_module(m) for m in runtime.state.models]
     optimizers = [_inner(o) for o in runtime.state.optimizers]
     return models, [(_owner(models, o), o) for o in optimizers]
 
@@ -134,6 +136,11 @@ def _failures(exc: Any) -> str:
 def full_state_dict(runtime: Runtime, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The unsharded state dict, on the CPU of rank 0 (None on the others). All ranks must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ..parallel import _checkpoint as parallel_checkpoint
+
+    if parallel_checkpoint.uses_dcp(runtime):  # N-D parallelism: pipeline stages send theirs to rank 0
+        return parallel_checkpoint.full_state_dict(runtime, model)
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)

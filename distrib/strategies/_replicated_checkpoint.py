@@ -10,6 +10,7 @@ devices), checked against the manifest while they are read.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,6 +44,12 @@ def save_training_state(runtime: Runtime, writer: CheckpointWriter) -> None:
 
 def load_training_state(runtime: Runtime, reader: CheckpointReader) -> None:
     """Load every model and optimizer saved by `save_training_state` onto this rank's device."""
+    if reader.has(".metadata"):  # a DCP checkpoint (FSDP, tensor/pipeline parallel): reshard it
+        from . import _fsdp_checkpoint
+
+        with warnings.catch_warnings():  # one process without a group: DCP says it reads alone, as meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            return _fsdp_checkpoint.load_training_state(runtime, reader)
     state = runtime.state
     check_count(reader, "model", "safetensors", len(state.models))
     check_count(reader, "optimizer", "pt", len(state.optimizers))

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from .. import _compile, _precision
+from ..parallel import _checkpoint as _parallel_checkpoint
+from ..parallel import _clip, _compose
 from . import _defaults, _fsdp_params, _fsdp_wrap, _process_group
 from ._defaults import backward as backward
 from ._defaults import check_model as check_model
 from ._defaults import teardown as teardown
-from ._defaults import unwrap_model as unwrap_model
 from ._fsdp_checkpoint import CHECKPOINT_WORLD_SIZE_DEPENDENT as CHECKPOINT_WORLD_SIZE_DEPENDENT
 from ._fsdp_checkpoint import full_state_dict as full_state_dict
 from ._fsdp_checkpoint import load_training_state as load_training_state
@@ -89,9 +90,17 @@ def precision_plan(settings: Settings, device: torch.device) -> PrecisionPlan:
 
 
 def setup(runtime: Runtime) -> FSDPState:
+    if runtime.parallel is not None:  # N-D parallelism: the data-shard (x replicate) part of the one mesh
+        return FSDPState(mesh=fsdp_mesh(runtime))
     options = runtime.settings.fsdp
     mesh = _fsdp_wrap.build_mesh(options, runtime.world_size, runtime.local_world_size, runtime.device.type)
     return FSDPState(mesh=mesh)
+
+
+def fsdp_mesh(runtime: Runtime) -> DeviceMesh:
+    """Under N-D parallelism: shard over dp_shard (x cp), replicate over dp_replicate when it is > 1."""
+    assert runtime.parallel is not None
+    return runtime.parallel.submesh("fsdp")
 
 
 def _state(runtime: Runtime) -> FSDPState:
@@ -106,12 +115,12 @@ def prepare_training(
     """Shard each model in place, then point the optimizers at the sharded parameters."""
     state = _state(runtime)
     for model in models:
+        _compose.split_for_pipeline(runtime, model)  # N-D parallelism: this rank's pipeline stage
         shard(runtime, model, state)
     # optimizers prepared in an earlier call too: prepare(optimizer) may come before prepare(model)
     earlier = [getattr(o, "optimizer", o) for o in runtime.state.optimizers]
-    for optimizer in [*optimizers, *earlier]:
-        _fsdp_params.repoint_optimizer(optimizer, state.param_map)
-    return models, optimizers, schedulers
+    _compose.repoint_optimizers(runtime, [*optimizers, *earlier], state.param_map)
+    return [_compose.wrap_pipeline(runtime, m) for m in models], optimizers, schedulers
 
 
 def shard(runtime: Runtime, model: nn.Module, state: FSDPState) -> nn.Module:
@@ -122,10 +131,11 @@ def shard(runtime: Runtime, model: nn.Module, state: FSDPState) -> nn.Module:
     rank0_state = model.state_dict() if layout == "rank0" and runtime.rank == 0 else None
     if layout == "none" and runtime.settings.device_placement and not options.cpu_offload:
         model.to(runtime.device)
-    if layout == "none" and runtime.world_size > 1:
+    if layout == "none" and runtime.world_size > 1 and runtime.pp_size == 1:  # pipeline stages differ
         _fsdp_params.sync_initial_weights(model, runtime.collective_device)
     _precision.convert(runtime, model)
     before = _fsdp_params.names_by_id(model)
+    _compose.apply_tensor_parallel(runtime, model)  # N-D parallelism: TP after fp8, before AC/compile/FSDP
     _fsdp_wrap.shard_model(
         model,
         mesh=state.mesh,
@@ -144,6 +154,7 @@ def shard(runtime: Runtime, model: nn.Module, state: FSDPState) -> nn.Module:
 @contextlib.contextmanager
 def no_sync(runtime: Runtime, model: nn.Module) -> Iterator[None]:
     """Accumulate unsharded local gradients without reduce-scatter until the block ends."""
+    model = _compose.no_sync_target(model)  # N-D parallelism: a pipeline's stage module
     if not isinstance(model, torch.distributed.fsdp.FSDPModule):
         yield
         return
@@ -177,6 +188,12 @@ def clip_grad_norm_(
     runtime: Runtime, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float
 ) -> torch.Tensor:
     """Clip by the global norm over every rank's gradient shards; returns that norm (a plain tensor)."""
+    if _parallel_checkpoint.uses_dcp(runtime):  # N-D parallelism: gradients on several meshes, stages
+        return _clip.clip_grad_norm_(runtime, parameters, max_norm, norm_type)
     total = _defaults.clip_grad_norm_(runtime, parameters, max_norm, norm_type)
     full = getattr(total, "full_tensor", None)
     return full() if callable(full) else total
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    return _compose.unwrap(model)  # N-D parallelism: the stage inside a pipelined model

@@ -126,6 +126,7 @@ def test_mismatched_shapes_are_listed(tmp_path: Path) -> None:
 def _pretend_saved_by(path: Path, world_size: int) -> None:
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["world_size"] = world_size  # the manifest lists other files, not itself
+    manifest["dp_world_size"] = world_size  # a plain data-parallel run
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 

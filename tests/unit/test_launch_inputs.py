@@ -229,6 +229,14 @@ def _alias_value(row) -> list[str]:
         "preemption_exit_code": "76",
         "fsdp.sharding": "grad_op",
         "deepspeed.zero_stage": "3",
+        "parallelism.dp_replicate": "1",
+        "parallelism.dp_shard": "-1",
+        "parallelism.tp": "1",
+        "parallelism.cp": "1",
+        "parallelism.pp": "1",
+        "parallelism.tp_plan": '{"layers.*.up": "colwise"}',
+        "parallelism.pp_schedule": "gpipe",
+        "parallelism.pp_microbatches": "4",
     }
     return [samples[row.key]] if row.key in samples else []
 
