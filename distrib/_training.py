@@ -26,7 +26,8 @@ def backward(loss: torch.Tensor, **kwargs: Any) -> None:
     """
     runtime = current("backward")
     if getattr(loss, "_distrib_pipeline_loss", False):
-        return  # a pipelined model's loss: its schedule already ran the backward (distrib/parallel)
+        runtime.state.used_backward = True  # through the schedule, window-scaled (distrib/parallel)
+        return  # a pipelined model's loss: its schedule already ran the backward
     if loss.dim() != 0 and "gradient" not in kwargs:
         raise TrainingError(
             f"backward() needs a scalar loss, got a tensor of shape {tuple(loss.shape)}; reduce it first "
