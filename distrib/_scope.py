@@ -15,7 +15,7 @@ from typing import Any, TypeVar, overload
 import torch
 import torch.distributed as dist
 
-from . import _precision, _runtime, strategies
+from . import _precision, _runtime, _scope_checks, strategies
 from ._environment import read_environment, resolve_settings
 from ._runtime import Runtime, TrainingState
 from ._settings import Settings
@@ -79,6 +79,7 @@ class distributed:
         )
         runtime.state.strategy_state = strategy.setup(runtime)
         runtime.state.scaler = _precision.make_scaler(runtime)
+        _scope_checks.open_scope(runtime)  # collective ledger, stall watchdog, straggler report
         self._runtime = runtime
         _runtime.push(runtime)
         if settings.seed is not None:
@@ -92,14 +93,18 @@ class distributed:
     ) -> None:
         runtime, self._runtime = self._runtime, None
         assert runtime is not None
+        closed = False
         try:
             for close in reversed(runtime.state.closers):
                 close()
+            closed = True
         finally:
             _runtime.pop(runtime)
-            runtime.strategy_module.teardown(runtime)
-        if runtime.owns_process_group:
-            close_process_group(clean=exc_type is None)
+            try:
+                runtime.strategy_module.teardown(runtime)
+            finally:
+                if runtime.owns_process_group:  # also when a closer raised (e.g. a rank left early)
+                    close_process_group(clean=exc_type is None and closed)
 
 
 def close_process_group(*, clean: bool) -> None:

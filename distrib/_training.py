@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import strategies
+from . import _straggler, strategies
 from ._precision import unscale_all
 from ._runtime import Runtime, TrainingState, current
 from .errors import TrainingError
@@ -32,7 +32,11 @@ def backward(loss: torch.Tensor, **kwargs: Any) -> None:
     window = runtime.state.window_size
     if window > 1:
         loss = loss / window
-    runtime.strategy_module.backward(runtime, loss, **kwargs)
+    timer = runtime.state.extensions.get(_straggler.KEY)
+    if timer is None:
+        runtime.strategy_module.backward(runtime, loss, **kwargs)
+    else:  # straggler_report_every is set: time the wait for gradient synchronisation
+        timer.backward(runtime, loss, kwargs)
 
 
 def _window_size(state: TrainingState, steps: int) -> int:

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .._runtime import current
+from .._straggler import timed_batches
 from .._tree import send_to_device
 from ..errors import PrepareError
 from .sharding import (
@@ -139,7 +140,7 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
     def _batches(self, skip: int) -> Iterator[Any]:
         total = len(self) if self._has_len() else None
         count = skip
-        iterator = super().__iter__()
+        iterator = timed_batches(self.runtime, super().__iter__())  # timed only for the straggler report
         for _ in range(self._replay):
             next(iterator, None)
         if total is None:

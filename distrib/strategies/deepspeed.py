@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .. import _precision
+from .. import _build_lock, _precision
 from ..errors import PrepareError, SettingsError, TrainingError, missing_extra
 from . import _common, _deepspeed_config
 from ._common import collective_device, teardown
@@ -119,6 +119,7 @@ def setup(runtime: Runtime) -> DeepSpeedState:
         raise SettingsError(  # _precision refuses it earlier too; kept for a direct Settings path
             "DeepSpeed cannot train in fp16 on the CPU; use mixed_precision='bf16'."
         )
+    _build_lock.check_before_build(runtime)  # a lock left by an interrupted build would hang init forever
     deepspeed.init_distributed(dist_backend=_common.backend_for(runtime.device), dist_init_required=False)
     return DeepSpeedState()
 
