@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._agreement import Collective
-from ._ledger import OTHER, call_site
+from ._agreement import Collective, Header
+from ._ledger import OTHER, call_site, describe_row
 from ._runtime import current_or_none
 
 NAMES = (
@@ -103,10 +103,31 @@ def _checked(name: str, original: Any) -> Any:
             return original(*args, **kwargs)
         leaves = [t for value in bound.values() for t in _tensors(value)]
         extra = tuple((k, str(bound[k])) for k in _ARGUMENTS if k in bound and bound[k] is not None)
-        with Collective(runtime, op, call_site(1), leaves, OTHER, extra=extra, payload=False, policy="never"):
+        with Collective(
+            runtime,
+            op,
+            call_site(1),
+            leaves,
+            OTHER,
+            extra=extra,
+            payload=False,
+            policy="never",
+            compatible=_same,
+        ):
             return original(*args, **kwargs)
 
     return checked
+
+
+def _same(headers: list[Header]) -> str | None:
+    """torch's collectives need the same tensor shapes and dtypes on every rank."""
+    if all(h.key == headers[0].key for h in headers):
+        return None
+    listed = "; ".join(
+        f"rank {r}: {', '.join(describe_row(*t) for t in h.tensors) or 'no tensors'}"
+        for r, h in enumerate(headers)
+    )
+    return f"the ranks passed tensors of different shapes or dtypes ({listed})"
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

@@ -11,8 +11,9 @@ group's store; when every rank is idle (a rank that left the run counts as idle)
   one (the launcher prints the merged diagnosis), else prints it to stderr;
 * every rank also sends a summary through the store, and rank 0 prints the merged diagnosis (outside
   `distrib launch`) or writes it next to the dumps, so runs under torchrun or `run_ranks` get one too;
-* each process then exits with status 124 (`_diagnosis.STALL_EXIT_CODE`): a hung collective cannot be
-  interrupted, and waiting for torch's process-group timeout would only burn the allocation.
+* each process then exits with status 124 (`_diagnosis.STALL_EXIT_CODE`), rank 0 last, once it has
+  every dump: a hung collective cannot be interrupted, and waiting for torch's process-group timeout
+  would only burn the allocation.
 
 A rank that spins in a Python loop keeps changing its frame and so is not idle: such a hang ends at the
 process-group timeout (`timeout`) instead. Costs nothing on the training thread; one store request per
@@ -25,6 +26,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from ._runtime import Runtime
 _IDLE = "watchdog/idle"
 _STALL = "watchdog/stall"
 _DUMPED = "watchdog/dumped"
+_DONE = "watchdog/reported"
 #: how long rank 0 waits for the others' dumps before it reports what it has
 COLLECT_SECONDS = 10.0
 
@@ -128,14 +131,15 @@ class Watchdog:
         _store.add(store, _DUMPED, 1)
         if runtime.rank == 0:
             self._report(store, dump)
+            _store.put(store, _DONE, {"rank": 0})
+        else:  # stay until rank 0 has everything: a rank that exits breaks the others' collectives at once
+            _wait_until(lambda: _store.exists(store, _DONE), COLLECT_SECONDS + 5)
         self._exit(_diagnosis.STALL_EXIT_CODE)
 
     def _report(self, store: Any, own: dict[str, Any]) -> None:
         """Rank 0: wait for the others' dumps, then print (or write) the merged diagnosis."""
         world = self.runtime.world_size
-        deadline = time.monotonic() + COLLECT_SECONDS
-        while time.monotonic() < deadline and (_store.add(store, _DUMPED, 0) or 0) < world:
-            time.sleep(0.1)
+        _wait_until(lambda: (_store.add(store, _DUMPED, 0) or 0) >= world, COLLECT_SECONDS)
         found = _store.get_many(store, [f"watchdog/dump/{r}" for r in range(world)])
         dumps = {int(d["rank"]): d for d in found.values()}
         dumps[own["rank"]] = own
@@ -145,6 +149,12 @@ class Watchdog:
             )
         else:
             _say(_diagnosis.merge(dumps))
+
+
+def _wait_until(condition: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.1)
 
 
 def _say(text: str) -> None:
