@@ -204,7 +204,16 @@ def watch(thread_id: int, every: float = 30.0) -> Callable[[], None]:
         while not stop.wait(every):
             waiting = _waited_lock(thread_id)
             state = inspect_lock(waiting) if waiting is not None else None
-            if state is not None:
+            if state is None:
+                continue
+            if state.stale:  # the build it guarded died while this process waited: stop waiting
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(state.path)
+                _say(
+                    f"distrib: {describe(state)} If loading the op fails now (its build never finished), run "
+                    "again: the next run builds it."
+                )
+            else:
                 _say(f"distrib: still waiting for a JIT build lock: {describe(state)}")
 
     threading.Thread(target=run, name="distrib-build-lock-watch", daemon=True).start()
