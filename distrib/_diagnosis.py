@@ -149,7 +149,10 @@ def format_dump(dump: dict[str, Any]) -> str:
             for e in dump["last_collectives"]
         ]
     lines.append("  stack (most recent call last):")
-    lines += _stack_lines(dump["stack"], "    ")
+    lines += _stack_lines(_trimmed(dump["stack"]), "    ")
+    hidden = len(dump["stack"]) - len(_trimmed(dump["stack"]))
+    if hidden > 0:
+        lines.append(f"    ... {hidden} more frames inside distrib and torch (the JSON dump has them)")
     for name, stack in dump.get("threads", {}).items():
         if stack:
             lines.append(f"  thread {name}:")
@@ -266,6 +269,14 @@ def _from_user_code(stack: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not _is_library(frame["file"]):
             return stack[i:]
     return stack
+
+
+def _trimmed(stack: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """From the user's outermost frame to one frame past the innermost: the calls into libraries below
+    that are distrib's and torch's own."""
+    stack = _from_user_code(stack)
+    user = [i for i, frame in enumerate(stack) if not _is_library(frame["file"])]
+    return stack[: user[-1] + 2] if user else stack
 
 
 def _where(dump: dict[str, Any]) -> str:

@@ -49,6 +49,8 @@ class StepTimer:
         self.every = every
         self.threshold = threshold
         self.last_report: dict[str, Any] | None = None
+        self.runtime = runtime
+        self.started = False  # the first window opens at the first batch or backward, not at setup
         self._reset(runtime)
 
     def _reset(self, runtime: Runtime) -> None:
@@ -62,6 +64,9 @@ class StepTimer:
     def batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
         """`iterator`, timing each fetch."""
         clock = time.perf_counter
+        if not self.started:
+            self.started = True
+            self._reset(self.runtime)
         while True:
             start = clock()
             try:
@@ -73,7 +78,10 @@ class StepTimer:
 
     def backward(self, runtime: Runtime, loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
         """The strategy's backward, with the wait for gradient synchronisation measured."""
-        if runtime.state.optimizer_steps >= self.next_report and runtime.world_size > 1:
+        if not self.started:
+            self.started = True
+            self._reset(runtime)
+        elif runtime.state.optimizer_steps >= self.next_report and runtime.world_size > 1:
             self.report(runtime)
         marks: list[float] = []
         node = loss.grad_fn
