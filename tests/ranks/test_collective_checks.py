@@ -312,6 +312,10 @@ def _process_worker() -> dict:
         distrib.broadcast(big, from_process=2)
         out["big"] = big[:3].tolist()
         out["objects"] = distrib.broadcast_object_list([{"rank": ctx.rank}], from_process=1)
+        try:
+            distrib.gather_object((lambda: 1) if ctx.rank == 0 else ctx.rank)  # rank 0's cannot be pickled
+        except CollectiveError as exc:
+            out["pickle"] = (type(exc).__name__, str(exc))
         out["first"] = distrib.check_trigger()
         if ctx.rank == 2:
             distrib.set_trigger()
@@ -333,6 +337,12 @@ def test_process_control_and_arguments():
         assert r["big"] == [2.0, 2.0, 2.0]
         assert r["objects"] == [{"rank": 1}]
         assert (r["first"], r["set"], r["reset"]) == (False, True, False)
+        kind, message = r["pickle"]
+        assert (
+            kind == "CollectiveError"
+            and "a rank could not take part" in message
+            and "rank 0: cannot pickle" in message
+        )
 
 
 # -- debug mode: the user's own torch.distributed calls ------------------------------------------------------
