@@ -214,8 +214,7 @@ class Collective:
             send = torch.cat([torch.zeros(predicted.width, dtype=predicted.unit, device=device), mine])
         rows = all_gather_rows(self.ledger, send)
         width = predicted.width
-        tags = rows[:, width:]
-        if torch.equal(tags if predicted.unit is predicted.bits else tags.view(predicted.bits), expected):
+        if torch.equal(rows[:, width:], expected):
             return rows[:, :width]
         return None
 

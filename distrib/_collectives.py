@@ -54,7 +54,7 @@ def _gather(
     runtime: Runtime, op: str, site: Site, data: Any, flat: tuple[list[torch.Tensor], Any] | None = None
 ) -> Any:
     leaves, spec = flat or flatten(data)
-    if any(t.dim() == 0 for t in leaves):
+    if leaves[0].dim() == 0 if len(leaves) == 1 else any(t.dim() == 0 for t in leaves):
         leaves = [t.reshape(1) if t.dim() == 0 else t for t in leaves]
     with Collective(runtime, op, site, leaves, spec, compatible=_exchange.gatherable) as agreement:
         if agreement.rows is not None:
@@ -123,8 +123,10 @@ def gather_for_metrics(data: Any, use_gather_object: bool = False) -> Any:
     else:
         gathered = _gather(runtime, "gather_for_metrics", site, data, flat)
     loader = runtime.state.active_dataloader
-    remainder = getattr(loader, "remainder", None) if loader is not None else None
-    if loader is None or not loader.end_of_dataloader or remainder is None:
+    if loader is None or not loader.end_of_dataloader:
+        return gathered
+    remainder = getattr(loader, "remainder", None)
+    if remainder is None:
         return gathered
     if object_mode:
         return gathered[:remainder]

@@ -46,7 +46,7 @@ def rebuild(data: Any, spec: Any, new: list[Any]) -> Any:
 
 def _columns(rows: torch.Tensor, key: Key, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
     """One tensor's columns of `[world, width]` payload rows, as `dtype` (not yet contiguous)."""
-    piece = rows[:, offset : offset + count]
+    piece = rows if offset == 0 and count == rows.shape[1] else rows[:, offset : offset + count]
     if key.unit is dtype:
         return piece
     piece = piece.contiguous()  # bytes: a copy, except for a whole row of one tensor

@@ -169,7 +169,17 @@ def describe_row(code: int, shape: tuple[int, ...]) -> str:
 # -- keys: one per distinct (op, site, structure, shapes and dtypes, arguments) -----------------------
 
 
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_ITEMSIZES = (1, 2, 4, 8)
+# In every 16-bit half-word of a tag: sign bit 0, top exponent bit 0, next bit 1. Seen as float16, bf16,
+# float32 or float64 elements, the tag is then a positive normal number (never NaN, an infinity, -0 or a
+# subnormal), so comparing values compares bits and `torch.equal` needs no integer view.
+_TAG_CLEAR = 0xC000C000C000C000
+_TAG_SET = 0x2000200020002000
+
+
+def tag_value(ident: int) -> int:
+    """The 8-byte tag of a key: its ident with the bits above forced (52 bits of it remain)."""
+    return (ident & ~_TAG_CLEAR & (2**64 - 1)) | _TAG_SET
 
 
 def packing_unit(dtypes: set[torch.dtype]) -> torch.dtype:
@@ -177,7 +187,7 @@ def packing_unit(dtypes: set[torch.dtype]) -> torch.dtype:
     divides the 8-byte tag (no dtype views to pack or unpack), else bytes."""
     if len(dtypes) == 1:
         (dtype,) = dtypes
-        if dtype is not torch.bool and 8 % dtype.itemsize == 0 and dtype.itemsize in _BITS:
+        if dtype is not torch.bool and dtype.itemsize in _ITEMSIZES:
             return dtype
     return torch.uint8
 
@@ -191,7 +201,6 @@ class Key:
     """
 
     __slots__ = (
-        "bits",
         "extra",
         "fast",
         "ident",
@@ -220,7 +229,6 @@ class Key:
         self.extra = extra
         self.payload = payload
         self.unit = unit = packing_unit({d for d, _ in sig}) if payload else torch.uint8
-        self.bits = _BITS[unit.itemsize]  # compare tags bit for bit (a float tag could be NaN)
         layout = []
         offset = 0
         if payload:
@@ -245,14 +253,14 @@ class Key:
         self, device: torch.device, world_size: int, unit: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This key's 8-byte tag as `unit` elements (default: its own unit) on `device`, and the tags of
-        every rank when all agree, as `bits` (integers of the unit's size)."""
+        every rank when all agree, `[world_size, 8 // unit size]`."""
         if unit is None and device == self.tag_device:
             return self.last_tags  # type: ignore[return-value]
         unit = unit or self.unit
         found = self.tags.get((device, unit))
         if found is None:
-            tag = torch.tensor([self.ident], dtype=torch.int64).view(unit).to(device)
-            expected = tag.view(_BITS[unit.itemsize]).repeat(world_size).view(world_size, -1)
+            tag = torch.tensor([tag_value(self.ident)], dtype=torch.int64).view(unit).to(device)
+            expected = tag.repeat(world_size).view(world_size, -1)
             found = self.tags[(device, unit)] = (tag, expected)
         if unit is self.unit:
             self.tag_device, self.last_tags = device, found

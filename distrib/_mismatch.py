@@ -78,6 +78,13 @@ def _collective_hint(described: list[dict[str, Any]]) -> str:
     common, count = counts.most_common(1)[0]
     leavers = [r for r, d in enumerate(described) if d["op"] == LEAVE_SCOPE]
     lines = []
+    if len({op for op, _ in calls}) == 1 and not leavers:
+        op = op_call(calls[0][0])
+        return (
+            f"Every rank called {op}, but from different lines. If that is on purpose (the ranks take different "
+            f"branches), make the call from one line, e.g. `config = broadcast_object_list([config if "
+            f"is_main_process() else None])[0]`; otherwise a rank skipped one {op} and called another."
+        )
     if leavers:
         others = [r for r in range(len(described)) if r not in leavers]
         waiting = described[others[0]] if others else described[0]

@@ -76,7 +76,7 @@ def test_keys_differ_in_every_component_and_agree_when_equal():
 
 def test_a_payload_travels_in_its_own_dtype_or_as_bytes():
     same = _key(shapes=((2, 3), (4,)), dtype=torch.float32)
-    assert same.unit is torch.float32 and same.bits is torch.int32
+    assert same.unit is torch.float32
     assert [(off, n) for _, _, off, n in same.layout] == [(0, 6), (6, 4)] and same.nbytes == 40
     site = _ledger.Site("/x/t.py", 1, "f")
     mixed = Key(
@@ -86,11 +86,22 @@ def test_a_payload_travels_in_its_own_dtype_or_as_bytes():
     flags = Key("gather", site, "T", ((torch.bool, torch.Size([3])),), (), True)
     assert flags.unit is torch.uint8, "bool values travel as bytes"
     tag, expected = same.tag(torch.device("cpu"), 3)
-    assert tag.dtype is torch.float32 and tag.numel() == 2
-    assert expected.dtype is torch.int32 and expected.shape == (3, 2)
-    assert torch.equal(expected[1], tag.view(torch.int32)), (
-        "tags compare bit for bit (a float tag may be NaN)"
-    )
+    assert tag.dtype is torch.float32 and tag.numel() == 2 and expected.shape == (3, 2)
+    assert torch.equal(expected[1], tag)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]
+)
+def test_a_tag_is_a_normal_number_in_every_float_view(dtype):
+    # so that comparing values compares bits: never NaN, infinite, negative zero or subnormal
+    for ident in (0, 2**62 - 1, stable_id("a"), stable_id("b"), 0x7FF0_0000_0000_0001):
+        tag = torch.tensor([_ledger.tag_value(ident)], dtype=torch.int64).view(dtype)
+        values = (torch.view_as_real(tag) if tag.is_complex() else tag).double()
+        assert torch.isfinite(values).all() and (values > 0).all()
+        real_dtype = torch.float32 if dtype is torch.complex64 else dtype
+        assert (values >= torch.finfo(real_dtype).tiny).all()
+    assert _ledger.tag_value(stable_id("a")) != _ledger.tag_value(stable_id("b"))
 
 
 def test_the_header_round_trips():
@@ -205,3 +216,13 @@ def test_a_local_failure_is_a_collective_error_naming_the_rank():
 )
 def test_op_names_read_as_calls(op, expected):
     assert _ledger.op_call(op) == expected
+
+
+def test_the_same_collective_from_different_lines_says_how_to_make_it_one_call():
+    described = [
+        {"op": "broadcast_object_list", "site": "/w/t.py:5 in main", "tensors": []},
+        {"op": "broadcast_object_list", "site": "/w/t.py:7 in main", "tensors": []},
+    ]
+    text = str(_mismatch.build_error(_key(op="broadcast_object_list"), 1, [], described, "collective"))
+    assert "Every rank called broadcast_object_list(), but from different lines" in text
+    assert "make the call from one line" in text
