@@ -214,19 +214,23 @@ def merged_report(directory: Path) -> str | None:
 def merge(dumps: dict[int, dict[str, Any]], directory: Path | None = None) -> str:
     """One diagnosis from every rank's dump: the collective most ranks wait in, and each rank that is not
     in it, with where it is stuck."""
-    any_dump = next(iter(dumps.values()))
-    world = max(int(d.get("world_size", 0)) for d in dumps.values())
+    left = {r: d["left"] for r, d in dumps.items() if "left" in d}
+    dumps = {r: d for r, d in dumps.items() if "left" not in d}
+    world = max([int(d.get("world_size", 0)) for d in dumps.values()] + [max(left, default=-1) + 1])
+    timeout = next((d.get("stall_timeout", 0) for d in dumps.values()), 0)
     lines = [
-        f"distrib: no rank made progress for {any_dump.get('stall_timeout', 0):g} s (stall_timeout); "
-        "every rank dumped its state."
+        f"distrib: no rank made progress for {timeout:g} s (stall_timeout); every rank dumped its state."
     ]
+    lines += [f"  rank {r} left the run before: {reason}" for r, reason in sorted(left.items())]
+    if not dumps:
+        return "\n".join(lines)
     waiting = {r: d["in_collective"] for r, d in dumps.items() if d.get("in_collective")}
     if waiting:
         lines += _waiting_lines(dumps, waiting)
     else:
         lines.append("  no rank is inside a distrib collective; where each rank is:")
         lines += [f"  rank {r} {_where(d)}" for r, d in sorted(dumps.items())]
-    missing = [r for r in range(world) if r not in dumps]
+    missing = [r for r in range(world) if r not in dumps and r not in left]
     if missing:
         lines.append(
             f"  {_ranks(missing)} sent no dump (exited, crashed, or stuck where Python cannot run): see their output."

@@ -143,6 +143,11 @@ class Watchdog:
         found = _store.get_many(store, [f"watchdog/dump/{r}" for r in range(world)])
         dumps = {int(d["rank"]): d for d in found.values()}
         dumps[own["rank"]] = own
+        for record in _store.get_many(store, [f"left/{r}" for r in range(world)]).values():
+            # a rank that left the run (it raised, or called sys.exit) dumps nothing, but said why
+            dumps.setdefault(
+                int(record["rank"]), {"rank": record["rank"], "world_size": world, "left": record["reason"]}
+            )
         if self.directory is not None:
             _diagnosis.write_dump(
                 self.directory, {"rank": "collected", "dumps": list(dumps.values())}, "collected.json"

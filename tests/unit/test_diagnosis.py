@@ -72,6 +72,15 @@ def test_a_rank_in_another_collective_and_a_rank_without_a_dump(tmp_path):
     assert "rank 2 sent no dump" in report
 
 
+def test_a_rank_that_left_the_run_is_named_with_its_reason():
+    left = {"rank": 1, "world_size": 3, "left": "it raised ValueError: bad batch at /w/train.py:40"}
+    report = merge(
+        {0: _dump(0, collective=GATHER, world=3), 1: left, 2: _dump(2, collective=GATHER, world=3)}
+    )
+    assert "rank 1 left the run before: it raised ValueError: bad batch at /w/train.py:40" in report
+    assert "ranks 0, 2 wait in collective #12" in report and "sent no dump" not in report
+
+
 def test_without_any_rank_in_a_collective_each_rank_says_where_it_is():
     report = merge(
         {0: _dump(0, stuck="/w/a.py:1", function="f"), 1: _dump(1, stuck="/w/b.py:2", function="g")}
