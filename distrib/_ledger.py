@@ -169,7 +169,6 @@ def describe_row(code: int, shape: tuple[int, ...]) -> str:
 # -- keys: one per distinct (op, site, structure, shapes and dtypes, arguments) -----------------------
 
 
-_ITEMSIZES = (1, 2, 4, 8)
 # In every 16-bit half-word of a tag: sign bit 0, top exponent bit 0, next bit 1. Seen as float16, bf16,
 # float32 or float64 elements, the tag is then a positive normal number (never NaN, an infinity, -0 or a
 # subnormal), so comparing values compares bits and `torch.equal` needs no integer view.
@@ -182,12 +181,25 @@ def tag_value(ident: int) -> int:
     return (ident & ~_TAG_CLEAR & (2**64 - 1)) | _TAG_SET
 
 
+#: dtypes that gloo and NCCL both move and whose element size divides the 8-byte tag
+_UNITS = {
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+}
+
+
 def packing_unit(dtypes: set[torch.dtype]) -> torch.dtype:
-    """The dtype a payload travels as: the tensors' own dtype when they share one whose element size
-    divides the 8-byte tag (no dtype views to pack or unpack), else bytes."""
+    """The dtype a payload travels as: the tensors' own dtype when they share one the backends support
+    (no dtype views to pack or unpack), else bytes (mixed dtypes, bool, complex, int16, float8, ...)."""
     if len(dtypes) == 1:
         (dtype,) = dtypes
-        if dtype is not torch.bool and dtype.itemsize in _ITEMSIZES:
+        if dtype in _UNITS:
             return dtype
     return torch.uint8
 

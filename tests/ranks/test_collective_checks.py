@@ -241,6 +241,15 @@ def _exact_worker() -> dict:
             for op in ("sum", "mean", "max", "min", "product")
         }
         out["int_mean"] = reduce(torch.tensor([r + 1]), "mean").tolist()
+        for _ in range(2):  # dtypes the backends do not move travel as bytes; empty and strided tensors
+            out["edges"] = {
+                "complex": gather(torch.tensor([1 + 1j * r], dtype=torch.complex64)).tolist(),
+                "int16": gather(torch.tensor([r], dtype=torch.int16)).tolist(),
+                "empty": tuple(gather(torch.zeros(0, 4)).shape),
+                "ragged_empty": tuple(gather(torch.ones(2 * r, 3)).shape),
+                "strided": gather(torch.arange(6.0).view(2, 3).T + r).tolist(),
+                "bool_sum": reduce(torch.tensor([r == 0, False]), "sum").tolist(),
+            }
         out["big_sum"] = (
             reduce(torch.full((300_000,), float(r + 1))).sum().item()
         )  # too big for the fast path
@@ -268,6 +277,11 @@ def test_results_are_exact_on_every_path():
         assert out["reductions"]["min"] == [1.0, 8.0]
         assert out["reductions"]["product"] == [6.0, 720.0]
         assert out["int_mean"] == [2.0]
+        edges = out["edges"]
+        assert edges["complex"] == [complex(1, r) for r in ranks] and edges["int16"] == list(ranks)
+        assert edges["empty"] == (0, 4) and edges["ragged_empty"] == (2 * sum(ranks), 3)
+        assert edges["strided"] == [[c + r, c + 3.0 + r] for r in ranks for c in (0.0, 1.0, 2.0)]
+        assert edges["bool_sum"] == [True, False]
         assert out["big_sum"] == pytest.approx(6.0 * 300_000)
     assert results[0] == results[1] == results[2], "every rank gets the same bits"
 
