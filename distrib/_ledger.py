@@ -316,6 +316,7 @@ class Ledger:
         self._keys: dict[tuple[Any, ...], Key] = {}
         self.opened_at: Site | None = None
         self.left = False
+        self.gather_into: Any = None  # the group's all-gather into one tensor (_agreement.py picks it)
 
     def key(
         self, op: str, site: Site, spec: Any, sig: tuple[Any, ...], extra: tuple[Any, ...], payload: bool
