@@ -27,6 +27,12 @@ from .errors import CollectiveError
 
 Reduction = Literal["sum", "mean", "max", "min", "product"]
 REDUCTIONS: tuple[str, ...] = ("sum", "mean", "max", "min", "product")
+_REDUCTION_ARGUMENTS = {r: (("reduction", r),) for r in REDUCTIONS}
+_REDUCE_CHECK = _exchange.identical("reduce", "Pad them first with pad_across_processes(tensor, dim=...).")
+_BROADCAST_CHECK = _exchange.identical(
+    "pass",
+    "broadcast writes into every rank's tensors in place: give them the sending rank's shapes and dtypes.",
+)
 _TRIGGER = "trigger"
 
 
@@ -214,16 +220,15 @@ def reduce(data: Any, reduction: Reduction = "sum", scale: float = 1.0) -> Any:
     if world == 1:
         return tree_map(lambda t: _finish(t.clone(), reduction, 1, scale), data)
     leaves, spec = flatten(data)
-    check = _exchange.identical("reduce", "Pad them first with pad_across_processes(tensor, dim=...).")
     with Collective(
         runtime,
         "reduce",
         call_site(1),
         leaves,
         spec,
-        extra=(("reduction", reduction),),
+        extra=_REDUCTION_ARGUMENTS[reduction],
         policy="small",
-        compatible=check,
+        compatible=_REDUCE_CHECK,
     ) as agreement:
         if agreement.rows is not None:
             out = [
@@ -236,7 +241,7 @@ def reduce(data: Any, reduction: Reduction = "sum", scale: float = 1.0) -> Any:
 
 
 def _finish(t: torch.Tensor, reduction: str, world: int, scale: float) -> torch.Tensor:
-    if reduction == "mean":
+    if reduction == "mean" and not (t.is_floating_point() and world > 1):  # floats: averaged already
         t = t / world
     return t * scale if scale != 1.0 else t
 
@@ -255,11 +260,16 @@ def broadcast(data: Any, from_process: int = 0) -> Any:
         _check_rank_range("broadcast", from_process, 1)
         return data
     leaves, spec = flatten(data)
-    check = _exchange.identical("pass", "broadcast writes into every rank's tensors in place: give them rank "
-                                        f"{from_process}'s shapes and dtypes first.")  # fmt: skip
     extra = (("from_process", from_process),)
     with Collective(
-        runtime, "broadcast", call_site(1), leaves, spec, extra=extra, policy="small", compatible=check
+        runtime,
+        "broadcast",
+        call_site(1),
+        leaves,
+        spec,
+        extra=extra,
+        policy="small",
+        compatible=_BROADCAST_CHECK,
     ) as agreement:
         _check_rank_range("broadcast", from_process, runtime.world_size)
         _exchange.broadcast_into(runtime, agreement, leaves, from_process)

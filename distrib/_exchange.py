@@ -102,7 +102,9 @@ def gather_ragged(runtime: Runtime, agreement: Agreement, leaves: list[torch.Ten
 def reduce_stacked(stack: torch.Tensor, reduction: str) -> torch.Tensor:
     """Reduce `[world, ...]` over ranks, in rank order (so every rank gets the same bits)."""
     dtype = stack.dtype
-    if reduction in ("sum", "mean"):
+    if reduction == "mean" and stack.is_floating_point():
+        return stack.mean(0)
+    if reduction in ("sum", "mean"):  # an integer mean is divided by the caller (into floats)
         out = stack.sum(0)
     elif reduction == "max":
         out = stack.amax(0)
@@ -123,6 +125,8 @@ def reduce_native(
         idx = [i for i, t in enumerate(leaves) if t.dtype == dtype]
         buffer = torch.cat([leaves[i].detach().reshape(-1).to(device) for i in idx])
         _call(runtime, dist.all_reduce, buffer, op=_REDUCE_OPS[reduction])
+        if reduction == "mean" and buffer.is_floating_point():
+            buffer /= runtime.world_size  # as reduce_stacked's mean: the caller divides integers only
         for i, piece in zip(idx, buffer.split([leaves[i].numel() for i in idx])):
             out[i] = piece.view(leaves[i].shape)
     return [t for t in out if t is not None]
