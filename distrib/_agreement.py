@@ -122,9 +122,9 @@ class Header:
 class Agreement:
     """What every rank agreed on for one collective.
 
-    `rows` is a `[world_size, key.nbytes]` uint8 tensor of every rank's payload when all ranks had the
-    same key and the payload travelled; otherwise `headers` holds every rank's header and the op moves its
-    data itself (different shapes, objects, large reductions).
+    `rows` is a `[world_size, key.width]` tensor of `key.unit` elements, every rank's payload, when all
+    ranks had the same key and the payload travelled; otherwise `headers` holds every rank's header and
+    the op moves its data itself (different shapes, objects, large reductions).
     """
 
     __slots__ = ("device", "headers", "key", "rows")

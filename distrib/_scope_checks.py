@@ -49,10 +49,15 @@ def open_scope(runtime: Runtime) -> None:
     debug = runtime.settings.debug_collectives
     if debug:
         _debug_collectives.install()
+    debug_before = ledger.debug
+    ledger.debug = debug_before or debug  # a nested debug scope checks every call of the shared ledger
     _straggler.start(runtime)
 
     def close() -> None:
-        _close(runtime, owner=not inherited, watchdog=watchdog, debug=debug)
+        try:
+            _close(runtime, owner=not inherited, watchdog=watchdog, debug=debug)
+        finally:
+            ledger.debug = debug_before
 
     runtime.state.closers.append(close)
 

@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from . import _diagnosis, _store
 from ._ledger import Ledger
 from ._runtime import Runtime
@@ -84,9 +86,12 @@ class Watchdog:
 
     def _watch(self) -> None:
         store = _store.group_store()
+        group = _default_group()
         world = self.runtime.world_size
         last, since = self._sample(), time.monotonic()
         while not self._stopped.wait(self.interval):
+            if _default_group() is not group:
+                return  # the scope's process group is gone: its scope closed without stopping this thread
             sample, now = self._sample(), time.monotonic()
             if sample != last:
                 last, since = sample, now
@@ -154,6 +159,13 @@ class Watchdog:
             )
         else:
             _say(_diagnosis.merge(dumps))
+
+
+def _default_group() -> Any:
+    try:
+        return dist.distributed_c10d._get_default_group() if dist.is_initialized() else None
+    except (RuntimeError, ValueError):
+        return None
 
 
 def _wait_until(condition: Callable[[], bool], seconds: float) -> None:
