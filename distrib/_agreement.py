@@ -392,27 +392,30 @@ def exchange_text(ledger: Ledger, text: str, device: torch.device) -> list[str]:
 
 
 def peer_failure(ledger: Ledger, exc: BaseException) -> BaseException:
-    """A clear error when a peer went away during a collective (gloo reports a closed connection)."""
+    """A clear error when a peer went away during a collective (gloo reports a closed connection): a
+    table of this rank's collective and of every rank that left, with the reason it gave."""
     if not _PEER_GONE.search(str(exc)):
         return exc
     current = ledger.current
+    rows = [["rank", "state", "call site"]]
+    rows.append([str(ledger.rank), "waits here", current[1].site.describe() if current else "-"])
+    records = _store.get_many(_store.group_store(), [f"left/{r}" for r in range(ledger.world_size)])
+    gone = sorted((v for v in records.values() if v.get("rank") != ledger.rank), key=lambda v: v["rank"])
+    rows += [[str(v["rank"]), f"left the run: {v['reason']}", v.get("last") or "-"] for v in gone]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    table = "\n".join(f"  {r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2]}" for r in rows)
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     where = (
         f"{op_call(current[1].op)} at {current[1].site} (collective #{current[0]})"
         if current
         else "a collective"
     )
-    records = _store.get_many(_store.group_store(), [f"left/{r}" for r in range(ledger.world_size)])
-    gone = [
-        f"rank {v['rank']} left the run: {v['reason']}"
-        for v in records.values()
-        if v.get("rank") != ledger.rank
-    ]
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if gone:
-        why = "; ".join(gone)
+        ranks = ", ".join(str(v["rank"]) for v in gone)
+        why = f"rank{'s' if len(gone) > 1 else ''} {ranks} left the run"
     else:
-        why = "another rank closed its connection (it crashed, was killed, or left without a word)"
+        why = "another rank closed its connection: it crashed, was killed, or left without a word (see its output)"
     return CollectiveMismatchError(
-        f"rank {ledger.rank} waits in {where}, which cannot complete: {why}. Every rank must stay in the "
-        f"run and call the same collectives; see that rank's output for its error. (backend: {first_line})"
+        f"{where} cannot complete on rank {ledger.rank}: {why}.\n{table}\n"
+        f"Every rank must stay in the run and call the same collectives. (backend: {first_line})"
     )

@@ -19,7 +19,7 @@ from ._agreement import ledger_of
 from ._collectives import leave_scope
 from ._diagnosis import innermost_user_frame
 from ._environment import diagnostics_directory
-from ._ledger import Ledger, Site, user_frame
+from ._ledger import Ledger, Site, op_call, user_frame
 from ._runtime import Runtime, current_or_none
 from ._watchdog import Watchdog
 from .errors import CollectiveError
@@ -93,8 +93,13 @@ def publish_exit(runtime: Runtime, exc: BaseException, *, counted_idle: bool = F
     else:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         reason = f"it raised {type(exc).__name__}{': ' + text[:300] if text else ''}{where}"
-    reason += f", after collective #{ledger.completed}"
-    _store.put(store, f"left/{runtime.rank}", {"rank": runtime.rank, "reason": reason})
+    last = list(ledger.entries)[-1:]
+    after = (
+        f"after collective #{last[0][0]}: {op_call(last[0][1].op)} at {last[0][1].site}"
+        if last
+        else "before any collective"
+    )
+    _store.put(store, f"left/{runtime.rank}", {"rank": runtime.rank, "reason": reason, "last": after})
     if not counted_idle:
         _store.add(store, "watchdog/idle", 1)  # a rank that left never makes progress again
 

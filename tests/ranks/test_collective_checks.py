@@ -207,8 +207,14 @@ def _raising_worker() -> str:
 def test_the_ranks_left_waiting_say_why_their_peer_left():
     waiting, raised = run_ranks(_raising_worker, 2, timeout=240)
     assert raised == "raised rank one broke"
-    assert "rank 1 left the run: it raised ValueError: rank one broke" in waiting
-    assert "test_collective_checks.py:" in waiting, "where the peer raised"
+    assert "cannot complete on rank 0: rank 1 left the run." in waiting
+    assert re.search(
+        r"(?m)^\s+1\s+left the run: it raised ValueError: rank one broke at \S+test_collective_checks.py:\d+",
+        waiting,
+    )
+    assert re.search(r"after collective #1: gather\(\) at \S+test_collective_checks.py:\d+", waiting), (
+        "its last collective"
+    )
 
 
 # -- results stay exact on the fast path ----------------------------------------------------------------
