@@ -4,6 +4,7 @@ and raises the same error on every rank instead of hanging or returning wrong da
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -407,3 +408,32 @@ def test_debug_mode_checks_the_users_torch_distributed_calls():
         assert "float32[2]" in r["shape"] and "float32[3]" in r["shape"]
         assert r["ledger"][0] == "torch.distributed.all_reduce"
         assert r["wrapped"] and r["unwrapped"], "debug mode wraps torch.distributed only inside the scope"
+
+
+def _killed_worker(path: str) -> None:
+    import os
+    import signal
+
+    from distrib import distributed, gather
+    from distrib.errors import CollectiveMismatchError
+
+    with distributed() as ctx:
+        gather(torch.ones(2))
+        if ctx.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # no word to the others: as an out-of-memory kill
+        try:
+            gather(torch.ones(2))
+        except CollectiveMismatchError as exc:
+            Path(path).write_text(str(exc))
+            raise
+
+
+def test_a_killed_peer_is_reported_as_gone(tmp_path):
+    from distrib.testing import RanksFailed
+
+    path = tmp_path / "rank0.txt"
+    with pytest.raises(RanksFailed, match=r"rank 1: no result \(exit code -9"):
+        run_ranks(_killed_worker, 2, str(path), timeout=240)
+    message = path.read_text()
+    assert "gather() at" in message and "cannot complete on rank 0" in message
+    assert "another rank closed its connection: it crashed, was killed, or left without a word" in message
