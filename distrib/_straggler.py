@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ from ._agreement import Collective, ledger_of
 from ._ledger import fixed_site
 from ._logging import get_logger
 from ._runtime import Runtime
+from .errors import DistribWarning
 
 KEY = "straggler"
 PHASES = ("data", "compute", "comm")
@@ -183,4 +185,19 @@ def timed_batches(runtime: Runtime, iterator: Iterator[Any]) -> Iterator[Any]:
 def start(runtime: Runtime) -> None:
     every = runtime.settings.straggler_report_every
     if every is not None and runtime.world_size > 1:
-        runtime.state.extensions[KEY] = StepTimer(runtime, every, runtime.settings.straggler_threshold)
+        timer = runtime.state.extensions[KEY] = StepTimer(
+            runtime, every, runtime.settings.straggler_threshold
+        )
+        runtime.state.closers.append(lambda: _warn_if_silent(runtime, timer))
+
+
+def _warn_if_silent(runtime: Runtime, timer: StepTimer) -> None:
+    """A report that was asked for and never made must not pass in silence."""
+    if timer.last_report is None and runtime.state.optimizer_steps >= timer.every:
+        warnings.warn(
+            f"straggler_report_every={timer.every} was set and the run made {runtime.state.optimizer_steps} "
+            "optimizer steps, but no straggler report was made: the report is exchanged inside distrib's "
+            "backward(loss); call it instead of loss.backward().",
+            DistribWarning,
+            stacklevel=2,
+        )

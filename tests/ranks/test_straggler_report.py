@@ -78,3 +78,26 @@ def test_the_slow_rank_is_flagged_with_its_slow_phase(tmp_path, capfd, slow_phas
     assert {f"straggler/rank_{r}/{p}_ms" for r in (0, 1) for p in ("data", "compute", "comm")} <= set(
         logged[-1]
     )
+
+
+def _plain_backward_worker() -> list[str]:
+    import warnings
+
+    from distrib import distributed, prepare
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with distributed(straggler_report_every=2):
+            model = torch.nn.Linear(4, 1)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            model, optimizer = prepare(model, optimizer)
+            for _ in range(3):
+                model(torch.ones(2, 4)).sum().backward()  # not distrib.backward: nothing is timed
+                optimizer.step()
+                optimizer.zero_grad()
+    return [str(w.message) for w in caught]
+
+
+def test_a_report_that_is_never_made_is_not_silent():
+    for messages in run_ranks(_plain_backward_worker, 2, timeout=240):
+        assert any("no straggler report was made" in m and "backward(loss)" in m for m in messages), messages
