@@ -1,9 +1,12 @@
 """Training-step overhead on 2 processes over gloo: raw DDP loop vs distrib vs Accelerate.
 
 Cases: a tiny MLP (the step is cheap, so per-step Python overhead shows) and a small transformer, each
-plain, with gradient accumulation (4 micro-batches) and with bf16 autocast. A round is one epoch of the
-prepared (or hand-sharded) dataloader, timed per micro-batch (wall and CPU time): loading, forward,
-backward, optimizer.
+plain, with gradient accumulation (4 micro-batches), with bf16 autocast, and "logging": every step also
+averages the loss over the ranks for logging (`dist.all_reduce` by hand, `distrib.reduce`, which goes
+through the collective ledger and its cross-rank check, and `accelerator.reduce`). The "logging" cases
+also time distrib with the straggler report on (`straggler_report_every=100`: each fetch and backward
+timed, one small all-gather every 100 steps). A round is one epoch of the prepared (or hand-sharded)
+dataloader, timed per micro-batch (wall and CPU time): loading, forward, backward, optimizer.
 
     python benchmarks/bench_step.py --json step.json [--quick] [--launches 5] [--no-accelerate]
 """
@@ -24,7 +27,7 @@ ACCUMULATION = 4
 # per model: (samples per rank per round, batch size per rank, timed rounds)
 SIZES = {"mlp": (64 * 32, 32, 30), "transformer": (16 * 16, 16, 20)}
 QUICK_SIZES = {"mlp": (8 * 32, 32, 2), "transformer": (4 * 16, 16, 2)}
-MODES = {"plain": ("no", 1), "accumulation": ("no", ACCUMULATION), "bf16": ("bf16", 1)}
+MODES = {"plain": ("no", 1), "accumulation": ("no", ACCUMULATION), "bf16": ("bf16", 1), "logging": ("no", 1)}
 
 
 class TinyTransformer(torch.nn.Module):
@@ -65,6 +68,7 @@ def raw_variant(config: dict[str, Any], world: int, rank: int) -> Any:
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=config["batch"], sampler=sampler)
     k, bf16, device = config["accumulation"], config["mixed_precision"] == "bf16", torch.device("cpu")
+    logging = config["logging"]
     epoch = [0]
 
     def run() -> int:
@@ -81,31 +85,57 @@ def raw_variant(config: dict[str, Any], world: int, rank: int) -> Any:
             if sync:
                 optimizer.step()
                 optimizer.zero_grad()
+            if logging:
+                mean = loss.detach().clone()
+                torch.distributed.all_reduce(mean)
+                mean /= world
         return n
 
     return run
 
 
 def distrib_variant(config: dict[str, Any], world: int, rank: int) -> Any:
-    from distrib import accumulate, backward, prepare
+    from distrib import accumulate, backward, prepare, reduce
 
     model, data = build(config["model"], config["samples"] * world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = DataLoader(data, batch_size=config["batch"], shuffle=True)
     model, optimizer, loader = prepare(model, optimizer, loader)
     accumulating = config["accumulation"] > 1
+    logging = config["logging"]
 
     def run() -> int:
         n = 0
         for x, y in loader:
             with accumulate(model) if accumulating else contextlib.nullcontext():
-                backward(F.cross_entropy(model(x), y))
+                loss = F.cross_entropy(model(x), y)
+                backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
+            if logging:
+                reduce(loss.detach(), "mean")
             n += 1
         return n
 
     return run
+
+
+def straggler_variant(config: dict[str, Any], world: int, rank: int) -> Any:
+    """distrib with the straggler report on (started on the open scope, so the other variants run without)."""
+    from distrib import current
+    from distrib._straggler import KEY, StepTimer
+
+    run = distrib_variant(config, world, rank)
+    runtime = current()
+
+    def timed() -> int:
+        runtime.state.extensions[KEY] = StepTimer(runtime, 100, 0.2)
+        try:
+            return int(run())
+        finally:
+            del runtime.state.extensions[KEY]
+
+    return timed
 
 
 def accelerate_variant(config: dict[str, Any], world: int, rank: int) -> Any:
@@ -124,16 +154,24 @@ def accelerate_variant(config: dict[str, Any], world: int, rank: int) -> Any:
         n = 0
         for x, y in loader:
             with accelerator.accumulate(model) if accumulating else contextlib.nullcontext():
-                accelerator.backward(F.cross_entropy(model(x), y))
+                loss = F.cross_entropy(model(x), y)
+                accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
+            if config["logging"]:
+                accelerator.reduce(loss.detach(), "mean")
             n += 1
         return n
 
     return run
 
 
-BUILDERS = {"raw": raw_variant, "distrib": distrib_variant, "accelerate": accelerate_variant}
+BUILDERS = {
+    "raw": raw_variant,
+    "distrib": distrib_variant,
+    "distrib_straggler": straggler_variant,
+    "accelerate": accelerate_variant,
+}
 
 
 def worker(launch: dict[str, Any]) -> None:
@@ -157,11 +195,15 @@ def configs(args: Any) -> list[list[dict[str, Any]]]:
     out = []
     for model, (samples, batch, rounds) in sizes.items():
         for mode, (precision, k) in MODES.items():
+            variants = _common.variants_wanted(args)
+            if mode == "logging":
+                variants.insert(2, "distrib_straggler")
             out.append([{
                 "case": f"{model}/{mode}",
                 "describe": f"{model}, {mode}: batch {batch} per rank, {samples // batch} micro-batches per round",
                 "model": model, "samples": samples, "batch": batch, "rounds": rounds,
-                "mixed_precision": precision, "accumulation": k, "variants": _common.variants_wanted(args),
+                "mixed_precision": precision, "accumulation": k, "logging": mode == "logging",
+                "variants": variants,
             }])  # fmt: skip
     return out
 

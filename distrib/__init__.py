@@ -62,6 +62,8 @@ _EXPORTS: dict[str, str] = {
     "broadcast_object_list": "_collectives",
     "wait_for_everyone": "_collectives",
     "split_between_processes": "_collectives",
+    "set_trigger": "_collectives",
+    "check_trigger": "_collectives",
     # process control
     "is_main_process": "_process",
     "is_local_main_process": "_process",
@@ -69,6 +71,8 @@ _EXPORTS: dict[str, str] = {
     "local_main_process_first": "_process",
     "on_main_process": "_process",
     "on_local_main_process": "_process",
+    "on_process": "_process",
+    "on_last_process": "_process",
     "print": "_process",
     "set_seed": "_process",
     # big-model inference
@@ -136,11 +140,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._collectives import (
         broadcast,
         broadcast_object_list,
+        check_trigger,
         gather,
         gather_for_metrics,
         gather_object,
         pad_across_processes,
         reduce,
+        set_trigger,
         split_between_processes,
         wait_for_everyone,
     )
@@ -163,8 +169,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         is_main_process,
         local_main_process_first,
         main_process_first,
+        on_last_process,
         on_local_main_process,
         on_main_process,
+        on_process,
         print,
         set_seed,
     )

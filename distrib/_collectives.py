@@ -1,138 +1,101 @@
-"""Collectives over nested structures of tensors (dicts, lists, tuples), plus object collectives.
+"""Collectives over nested structures of tensors (dicts, lists, tuples), object collectives, the
+cross-rank trigger.
 
-`gather` sends one small header (every tensor's shape and dtype) and then one buffer per dtype, so a
-mismatch between ranks is reported instead of hanging, and tensors whose first dimension differs are
-gathered exactly.
+Every collective here is checked: the ranks agree that they are in the same collective (op, call site,
+structure, shapes, dtypes, arguments) before its result is used, and every rank raises
+`CollectiveMismatchError` with a table of every rank's call when they are not, instead of hanging or
+returning wrong data. In the common case the check travels inside the data's own all-gather (see
+`_agreement.py`), so it costs no extra collective; every call is recorded in the collective ledger.
 """
 
 from __future__ import annotations
 
 import contextlib
+import pickle
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 
+from . import _exchange
+from ._agreement import Collective, all_gather_rows, ledger_of
+from ._ledger import OTHER, Site, call_site, fixed_site, flatten
+from ._mismatch import LEAVE_SCOPE
 from ._runtime import Runtime, current
-from ._tree import leaves, replace_leaves, tree_map
+from ._tree import tree_map
 from .errors import CollectiveError
 
-_MAX_DIMS = 8
-_DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
-]  # fmt: skip
+Reduction = Literal["sum", "mean", "max", "min", "product"]
+REDUCTIONS: tuple[str, ...] = ("sum", "mean", "max", "min", "product")
+_REDUCTION_ARGUMENTS = {r: (("reduction", r),) for r in REDUCTIONS}
+_REDUCE_CHECK = _exchange.identical("reduce", "Pad them first with pad_across_processes(tensor, dim=...).")
+_BROADCAST_CHECK = _exchange.identical(
+    "pass",
+    "broadcast writes into every rank's tensors in place: give them the sending rank's shapes and dtypes.",
+)
+_TRIGGER = "trigger"
 
 
-def _header(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    rows = []
-    for t in tensors:
-        if t.dim() > _MAX_DIMS:
-            raise CollectiveError(f"cannot gather a tensor with {t.dim()} dimensions (at most {_MAX_DIMS}).")
-        dims = list(t.shape) + [0] * (_MAX_DIMS - t.dim())
-        rows.append([_DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1, t.dim(), *dims])
-    return torch.tensor([len(tensors), *[v for row in rows for v in row]], dtype=torch.int64, device=device)
+def _representatives(runtime: Runtime, keep: tuple[str, ...]) -> list[int] | None:
+    """Under N-D parallelism, the world ranks whose data counts once: index 0 of every mesh dimension but
+    those in `keep` (the ranks of one tensor/context/pipeline group hold copies of the same samples).
+    None without the `parallelism` setting (every rank counts)."""
+    parallel = runtime.parallel
+    if parallel is None:
+        return None
+    mesh = parallel.mesh
+    ranks = mesh.mesh
+    for axis, name in reversed(list(enumerate(mesh.mesh_dim_names or ()))):
+        if name not in keep:
+            ranks = ranks.select(axis, 0)
+    return sorted(int(r) for r in ranks.reshape(-1).tolist())
 
 
-def _rows(rank_row: list[int], count: int) -> list[list[int]]:
-    width = _MAX_DIMS + 2
-    return [rank_row[1 + i * width : 1 + (i + 1) * width] for i in range(count)]
+_DATA_DIMS = ("dp_replicate", "dp_shard")  # gather: one copy of every sample
+_LOSS_DIMS = ("dp_replicate", "dp_shard", "cp")  # reduce: each holds a different part of the batch
 
 
-def _check_compatible(caller: str, headers: torch.Tensor, count: int) -> list[list[torch.Size]]:
-    """Per rank, the shape of each tensor; raises when anything but the first dimension differs."""
-    table = headers.tolist()
-    if any(row[0] != count for row in table):
-        counts = ", ".join(str(row[0]) for row in table)
-        raise CollectiveError(f"{caller}(): the ranks passed different numbers of tensors ({counts}).")
-    per_rank = [_rows(row, count) for row in table]
-    shapes = [[torch.Size(r[2 : 2 + r[1]]) for r in rows] for rows in per_rank]
-    for i in range(count):
-        if len({rows[i][0] for rows in per_rank}) > 1:
-            raise CollectiveError(
-                f"{caller}(): tensor #{i} has different dtypes across ranks; cast it to one dtype first."
-            )
-        if len({s[i][1:] for s in shapes}) > 1:
-            listed = ", ".join(str(tuple(s[i])) for s in shapes)
-            raise CollectiveError(
-                f"{caller}(): tensor #{i} has different shapes across ranks ({listed}); only the first "
-                "dimension may differ. Pad them to one shape first with pad_across_processes(tensor, dim=...)."
-            )
-    return shapes
-
-
-def _data_group(runtime: Runtime, name: str = "dp") -> tuple[Any, int]:
-    """(group, size) of the data collectives: the data-parallel ranks under N-D parallelism, whose other
-    ranks (tensor/context/pipeline) hold copies of the same samples; else every rank (group None)."""
-    if runtime.parallel is None:
-        return None, runtime.world_size
-    return runtime.parallel.group(name), runtime.parallel.size(name)
-
-
-def _all_gather_tensors(caller: str, runtime: Runtime, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    group, world = _data_group(runtime)
-    tensors = [t.reshape(1) if t.dim() == 0 else t for t in tensors]
-    device = tensors[0].device if tensors else runtime.device
-    header = _header(tensors, device)
-    headers = torch.empty(world, header.numel(), dtype=torch.int64, device=device)
-    dist.all_gather(list(headers.unbind(0)), header, group=group)
-    if bool((headers == header).all()):
-        return _gather_same_shapes(tensors, world, group)  # the common case: nothing to check or unpad
-    shapes = _check_compatible(caller, headers, len(tensors))
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    for dtype in dict.fromkeys(t.dtype for t in tensors):
-        idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        sizes = [sum(shapes[r][i].numel() for i in idx) for r in range(world)]
-        buffer = torch.zeros(max(sizes), dtype=dtype, device=device)
-        local = torch.cat([tensors[i].reshape(-1) for i in idx])
-        buffer[: local.numel()] = local
-        parts = [torch.empty_like(buffer) for _ in range(world)]
-        dist.all_gather(parts, buffer, group=group)
-        per_rank = []
-        for r in range(world):
-            pieces = parts[r][: sizes[r]].split([shapes[r][i].numel() for i in idx])
-            per_rank.append([p.view(shapes[r][i]) for p, i in zip(pieces, idx)])
-        for k, i in enumerate(idx):
-            out[i] = torch.cat([per_rank[r][k] for r in range(world)])
-    return [t for t in out if t is not None]
-
-
-def _gather_same_shapes(tensors: list[torch.Tensor], world: int, group: Any = None) -> list[torch.Tensor]:
-    """Every rank sent the same shapes: one flat buffer per dtype, results are (mostly) views of it."""
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    for dtype in dict.fromkeys(t.dtype for t in tensors):
-        idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        local = (
-            tensors[idx[0]].reshape(-1) if len(idx) == 1 else torch.cat([tensors[i].reshape(-1) for i in idx])
-        )
-        gathered = local.new_empty(world * local.numel())
-        dist.all_gather(list(gathered.chunk(world)), local.contiguous(), group=group)
-        rows = gathered.view(world, -1)
-        offset = 0
-        for i in idx:
-            t = tensors[i]
-            piece = rows[:, offset : offset + t.numel()]
-            out[i] = piece.reshape(world * t.shape[0], *t.shape[1:])
-            offset += t.numel()
-    return [t for t in out if t is not None]
+def _only_representatives(runtime: Runtime, data: Any) -> Any:
+    """Non-representative ranks send no rows (`t[:0]`), so a gather concatenates one copy per sample."""
+    chosen = _representatives(runtime, _DATA_DIMS)
+    if chosen is None or runtime.rank in chosen:
+        return data
+    return tree_map(lambda t: _at_least_1d(t)[:0], data)
 
 
 def gather(data: Any) -> Any:
     """Gather tensors (in any nested structure) from every rank, concatenated along dim 0 in rank order.
 
     With N-D parallelism (the `parallelism` setting) it gathers over the data-parallel ranks only: the
-    ranks of one tensor/context/pipeline group hold the same samples. Scalars become 1-element tensors. Tensors may differ in their first dimension only; otherwise a
-    `CollectiveError` says to use `pad_across_processes`. Example::
+    ranks of one tensor/context/pipeline group hold the same samples. Scalars become 1-element tensors. Tensors may differ in their first dimension only; otherwise every
+    rank raises a `CollectiveMismatchError` naming each rank's shapes (pad with `pad_across_processes`).
+    Example::
 
         all_losses = gather(loss.detach())       # shape [world_size]
         preds, labels = gather((preds, labels))
     """
     runtime = current("gather")
-    tensors = leaves(data)
-    if _data_group(runtime)[1] == 1:
-        return tree_map(lambda t: t.reshape(1) if t.dim() == 0 else t, data)
-    return replace_leaves(data, _all_gather_tensors("gather", runtime, tensors))
+    if runtime.world_size == 1:
+        return tree_map(_at_least_1d, data)
+    return _gather(runtime, "gather", call_site(1), _only_representatives(runtime, data))
+
+
+def _at_least_1d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1) if t.dim() == 0 else t
+
+
+def _gather(
+    runtime: Runtime, op: str, site: Site, data: Any, flat: tuple[list[torch.Tensor], Any] | None = None
+) -> Any:
+    leaves, spec = flat or flatten(data)
+    if leaves[0].dim() == 0 if len(leaves) == 1 else any(t.dim() == 0 for t in leaves):
+        leaves = [t.reshape(1) if t.dim() == 0 else t for t in leaves]
+    with Collective(runtime, op, site, leaves, spec, compatible=_exchange.gatherable) as agreement:
+        if agreement.rows is not None:
+            gathered = _exchange.concatenated(agreement.rows, agreement.key)
+        else:
+            gathered = _exchange.gather_ragged(runtime, agreement, leaves)
+    return _exchange.rebuild(data, spec, gathered)
 
 
 def gather_object(obj: Any) -> list[Any]:
@@ -143,17 +106,36 @@ def gather_object(obj: Any) -> list[Any]:
         names = gather_object([f"sample-{i}" for i in my_ids])
     """
     runtime = current("gather_object")
-    return _gather_objects(obj, None, runtime.world_size)
-
-
-def _gather_objects(obj: Any, group: Any, world: int) -> list[Any]:
-    if world == 1:
+    if runtime.world_size == 1:
         return list(obj) if isinstance(obj, list) else [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj, group=group)
+    return _gather_object(runtime, "gather_object", call_site(1), obj)
+
+
+def _gather_object(runtime: Runtime, op: str, site: Site, obj: Any) -> list[Any]:
+    chosen = _representatives(runtime, _DATA_DIMS)
+    if chosen is not None and runtime.rank not in chosen and isinstance(obj, list):
+        obj = []  # one copy of every sample (N-D parallelism)
+    data, error = _pickled(obj)
+    spec = "list" if isinstance(obj, list) else "object"
+    with Collective(runtime, op, site, [], spec, nbytes=data.numel(), error=error) as agreement:
+        assert agreement.headers is not None
+        sizes = [h.nbytes for h in agreement.headers]
+        send = torch.zeros(max(sizes), dtype=torch.uint8, device=agreement.device)
+        send[: data.numel()] = data.to(agreement.device)
+        rows = all_gather_rows(ledger_of(runtime), send).cpu()
+        # unpickled from this job's own ranks, as torch.distributed.all_gather_object does
+        parts = [pickle.loads(rows[r, :n].numpy().tobytes()) for r, n in enumerate(sizes)]
     if isinstance(obj, list):
-        return [item for part in out for item in part]
-    return out
+        return [item for part in parts for item in part]
+    return parts if chosen is None else [parts[r] for r in chosen]
+
+
+def _pickled(obj: Any) -> tuple[torch.Tensor, str | None]:
+    try:
+        payload = pickle.dumps(obj)
+    except Exception as exc:  # every rank must hear of it, or the others would wait for this one
+        return torch.empty(0, dtype=torch.uint8), f"cannot pickle {type(obj).__name__}: {exc}"
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8), None
 
 
 def gather_for_metrics(data: Any, use_gather_object: bool = False) -> Any:
@@ -168,12 +150,22 @@ def gather_for_metrics(data: Any, use_gather_object: bool = False) -> Any:
             metric.update(preds, labels)
     """
     runtime = current("gather_for_metrics")
-    tensors = leaves(data)
-    object_mode = use_gather_object or not tensors
-    gathered = _gather_objects(data, *_data_group(runtime)) if object_mode else gather(data)
+    flat = flatten(data)
+    object_mode = use_gather_object or not flat[0]
+    if runtime.world_size == 1:
+        return gather_object(data) if object_mode else tree_map(_at_least_1d, data)
+    site = call_site(1)
+    if object_mode:
+        gathered = _gather_object(runtime, "gather_for_metrics", site, data)
+    elif runtime.parallel is not None:
+        gathered = _gather(runtime, "gather_for_metrics", site, _only_representatives(runtime, data))
+    else:
+        gathered = _gather(runtime, "gather_for_metrics", site, data, flat)
     loader = runtime.state.active_dataloader
-    remainder = getattr(loader, "remainder", None) if loader is not None else None
-    if _data_group(runtime)[1] == 1 or loader is None or not loader.end_of_dataloader or remainder is None:
+    if loader is None or not loader.end_of_dataloader:
+        return gathered
+    remainder = getattr(loader, "remainder", None)
+    if remainder is None:
         return gathered
     if object_mode:
         return gathered[:remainder]
@@ -183,93 +175,166 @@ def gather_for_metrics(data: Any, use_gather_object: bool = False) -> Any:
 def pad_across_processes(data: Any, dim: int = 0, pad_index: Any = 0, pad_first: bool = False) -> Any:
     """Pad tensors along `dim` to the largest size any rank has, so they can be gathered.
 
+    Every rank must pass the same structure, and tensors with the same number of dimensions and dtype.
     Example::
 
         tokens = pad_across_processes(tokens, dim=1, pad_index=tokenizer.pad_token_id)
         all_tokens = gather(tokens)
     """
     runtime = current("pad_across_processes")
-    group, world = _data_group(runtime)
-    if world == 1:
+    if runtime.world_size == 1:
         return data
+    leaves, spec = flatten(data)
+    site = call_site(1)
+    extra = (("dim", dim),)
+    with Collective(
+        runtime,
+        "pad_across_processes",
+        site,
+        leaves,
+        spec,
+        extra=extra,
+        payload=False,
+        compatible=_exchange.paddable,
+    ) as agreement:
+        for t in leaves:
+            _check_dim(t, dim)
+        if agreement.rows is not None:
+            return data  # every rank has the same shapes: nothing to pad
+        assert agreement.headers is not None
+        padded = [
+            _pad(
+                t,
+                dim % t.dim(),
+                max(h.tensors[i][1][dim % t.dim()] for h in agreement.headers),
+                pad_index,
+                pad_first,
+            )
+            for i, t in enumerate(leaves)
+        ]
+    return _exchange.rebuild(data, spec, padded)
 
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        d = dim % t.dim()
-        size = torch.tensor([t.shape[d]], device=t.device)
-        sizes = [torch.empty_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size, group=group)
-        longest = int(max(s.item() for s in sizes))
-        if longest == t.shape[d]:
-            return t
-        shape = list(t.shape)
-        shape[d] = longest
-        out = t.new_full(shape, pad_index)
-        index = [slice(None)] * t.dim()
-        index[d] = slice(longest - t.shape[d], longest) if pad_first else slice(0, t.shape[d])
-        out[tuple(index)] = t
-        return out
 
-    return tree_map(pad, data)
+def _check_dim(t: torch.Tensor, dim: int) -> None:
+    if not -t.dim() <= dim < t.dim() or t.dim() == 0:
+        raise CollectiveError(
+            f"pad_across_processes(dim={dim}) got a tensor of shape {tuple(t.shape)}, which has no dimension "
+            f"{dim}; pass a dim between {-t.dim()} and {t.dim() - 1}."
+        )
 
 
-def reduce(data: Any, reduction: Literal["sum", "mean"] = "sum", scale: float = 1.0) -> Any:
-    """All-reduce tensors (nested) across ranks; returns new tensors. With N-D parallelism it reduces over
-    the data- and context-parallel ranks (each holds a different part of the batch). Example::
+def _pad(t: torch.Tensor, d: int, longest: int, pad_index: Any, pad_first: bool) -> torch.Tensor:
+    if longest == t.shape[d]:
+        return t
+    shape = list(t.shape)
+    shape[d] = longest
+    out = t.new_full(shape, pad_index)
+    index = [slice(None)] * t.dim()
+    index[d] = slice(longest - t.shape[d], longest) if pad_first else slice(0, t.shape[d])
+    out[tuple(index)] = t
+    return out
 
-    mean_loss = reduce(loss.detach(), "mean")
+
+def reduce(data: Any, reduction: Reduction = "sum", scale: float = 1.0) -> Any:
+    """Reduce tensors (nested) across ranks: "sum", "mean", "max", "min" or "product"; returns new tensors.
+
+    Every rank gets the same result, reduced in rank order. With N-D parallelism it reduces over the data-
+    and context-parallel ranks (each holds a different part of the batch), counting the copies that
+    tensor and pipeline parallel ranks hold once. Every rank must pass tensors of the same
+    shapes and dtypes (else every rank raises `CollectiveMismatchError` naming them). Example::
+
+        mean_loss = reduce(loss.detach(), "mean")
+        worst = reduce(torch.tensor([seconds]), "max")
     """
     runtime = current("reduce")
-    if reduction not in ("sum", "mean"):
-        raise CollectiveError(f"reduce(reduction={reduction!r}) must be 'sum' or 'mean'.")
+    if reduction not in REDUCTIONS:
+        raise CollectiveError(
+            f"reduce(reduction={reduction!r}) must be one of {', '.join(map(repr, REDUCTIONS))}."
+        )
+    world = runtime.world_size
+    if world == 1:
+        return tree_map(lambda t: _finish(t.clone(), reduction, 1, scale), data)
+    leaves, spec = flatten(data)
+    with Collective(
+        runtime,
+        "reduce",
+        call_site(1),
+        leaves,
+        spec,
+        extra=_REDUCTION_ARGUMENTS[reduction],
+        policy="small",
+        compatible=_REDUCE_CHECK,
+    ) as agreement:
+        chosen = _representatives(runtime, _LOSS_DIMS)
+        if agreement.rows is not None:
+            stacks = _exchange.stacked(agreement.rows, agreement.key)
+            if chosen is not None:
+                stacks = [s[chosen] for s in stacks]
+            out = [_exchange.reduce_stacked(s, reduction) for s in stacks]
+        else:
+            out = _exchange.reduce_native(runtime, agreement, leaves, reduction)
+            if chosen is not None:
+                out = [_count_copies_once(t, reduction, runtime.world_size // len(chosen)) for t in out]
+    counted = world if chosen is None else len(chosen)
+    return _exchange.rebuild(data, spec, [_finish(t, reduction, counted, scale) for t in out])
 
-    # a loss is averaged over the ranks that saw different samples (and sequence slices): dp x cp
-    group, world = _data_group(runtime, "dp_cp")
-    if world > 1:
-        _check_same_shapes("reduce", runtime, leaves(data), group, world)
 
-    def one(t: torch.Tensor) -> torch.Tensor:
-        out = t.clone()
-        if world > 1:
-            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        if reduction == "mean":
-            out = out / world
-        return out * scale if scale != 1.0 else out
-
-    return tree_map(one, data)
+def _count_copies_once(t: torch.Tensor, reduction: str, copies: int) -> torch.Tensor:
+    """A reduction over every rank, when each value was held by `copies` ranks (N-D parallelism)."""
+    if reduction == "sum" or (reduction == "mean" and not t.is_floating_point()):  # integer means: summed
+        return t / copies if t.is_floating_point() else t // copies
+    if reduction == "product":
+        return t.abs().pow(1.0 / copies).copysign(t) if t.is_floating_point() else t
+    return t  # mean over every rank equals the mean over the copies; max and min are unchanged
 
 
-def _check_same_shapes(
-    caller: str, runtime: Runtime, tensors: list[torch.Tensor], group: Any = None, world: int | None = None
-) -> None:
-    """Raise (on every rank) instead of hanging when the ranks' tensors differ in shape or dtype."""
-    device = tensors[0].device if tensors else runtime.device
-    header = _header(tensors, device)
-    world = runtime.world_size if world is None else world
-    headers = torch.empty(world, header.numel(), dtype=torch.int64, device=device)
-    dist.all_gather(list(headers.unbind(0)), header, group=group)
-    if bool((headers == header).all()):
-        return
-    table = headers.tolist()
-    listed = "; ".join(
-        f"rank {r}: {[tuple(row[2 : 2 + row[1]]) for row in _rows(rank_row, len(tensors))]}"
-        for r, rank_row in enumerate(table)
-    )
-    raise CollectiveError(
-        f"{caller}(): the ranks passed tensors of different shapes or dtypes ({listed}); every rank must "
-        "reduce tensors of one shape and dtype. Pad them first with pad_across_processes(tensor, dim=...)."
-    )
+def _finish(t: torch.Tensor, reduction: str, world: int, scale: float) -> torch.Tensor:
+    if reduction == "mean" and not (t.is_floating_point() and world > 1):  # floats: averaged already
+        t = t / world
+    return t * scale if scale != 1.0 else t
 
 
 def broadcast(data: Any, from_process: int = 0) -> Any:
-    """Send rank `from_process`'s tensors (nested) to every rank, in place; returns `data`. Example::
+    """Send rank `from_process`'s tensors (nested) to every rank, in place; returns `data`.
 
-    seed = broadcast(torch.tensor([seed]))
+    Every rank must pass tensors of the same structure, shapes and dtypes (the ones it receives into).
+    Example::
+
+        seed = broadcast(torch.tensor([seed]))
     """
     runtime = current("broadcast")
-    if runtime.world_size > 1:
-        for t in leaves(data):
-            dist.broadcast(t, src=from_process)
+    _check_rank_type("broadcast", from_process)
+    if runtime.world_size == 1:
+        _check_rank_range("broadcast", from_process, 1)
+        return data
+    leaves, spec = flatten(data)
+    extra = (("from_process", from_process),)
+    with Collective(
+        runtime,
+        "broadcast",
+        call_site(1),
+        leaves,
+        spec,
+        extra=extra,
+        policy="small",
+        compatible=_BROADCAST_CHECK,
+    ) as agreement:
+        _check_rank_range("broadcast", from_process, runtime.world_size)
+        _exchange.broadcast_into(runtime, agreement, leaves, from_process)
     return data
+
+
+def _check_rank_type(caller: str, rank: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise CollectiveError(f"{caller}(from_process={rank!r}) needs a rank number (an int).")
+
+
+def _check_rank_range(caller: str, rank: int, world: int) -> None:
+    if not 0 <= rank < world:
+        raise CollectiveError(
+            f"{caller}(from_process={rank}) names a rank outside the run, which has {world} process"
+            f"{'es' if world > 1 else ''} (ranks 0 to {world - 1})."
+        )
 
 
 def broadcast_object_list(objects: list[Any], from_process: int = 0) -> list[Any]:
@@ -278,16 +343,91 @@ def broadcast_object_list(objects: list[Any], from_process: int = 0) -> list[Any
     config = broadcast_object_list([config if is_main_process() else None])[0]
     """
     runtime = current("broadcast_object_list")
-    if runtime.world_size > 1:
-        dist.broadcast_object_list(objects, src=from_process)
+    _check_rank_type("broadcast_object_list", from_process)
+    if not isinstance(objects, list):
+        raise CollectiveError(
+            f"broadcast_object_list() fills a list in place; got {type(objects).__name__}. Pass a list with one "
+            "slot per object, e.g. [config if is_main_process() else None]."
+        )
+    if runtime.world_size == 1:
+        _check_rank_range("broadcast_object_list", from_process, 1)
+        return objects
+    sending = runtime.rank == from_process
+    data, error = _pickled(objects) if sending else (torch.empty(0, dtype=torch.uint8), None)
+    extra = (("from_process", from_process), ("len(objects)", len(objects)))
+    with Collective(
+        runtime,
+        "broadcast_object_list",
+        call_site(1),
+        [],
+        "list",
+        extra=extra,
+        nbytes=data.numel(),
+        error=error,
+    ) as agreement:
+        _check_rank_range("broadcast_object_list", from_process, runtime.world_size)
+        assert agreement.headers is not None
+        size = agreement.headers[from_process].nbytes
+        payload = _exchange.broadcast_bytes(runtime, data, size, from_process, agreement.device)
+    if not sending:
+        # unpickled from this job's own rank, as torch.distributed.broadcast_object_list does
+        objects[:] = pickle.loads(payload)
     return objects
 
 
 def wait_for_everyone() -> None:
     """Block until every rank reaches this line. Example: `wait_for_everyone()` before reading a file
     the main process wrote."""
-    if current("wait_for_everyone").world_size > 1:
-        dist.barrier()
+    runtime = current("wait_for_everyone")
+    if runtime.world_size > 1:
+        barrier(runtime, call_site(1))
+
+
+def barrier(runtime: Runtime, site: Site, op: str = "wait_for_everyone") -> None:
+    """A checked barrier: every rank must be at the same call (an all-gather of 8-byte tags)."""
+    with Collective(runtime, op, site, [], OTHER):
+        pass
+
+
+def leave_scope(runtime: Runtime) -> None:
+    """The collective every rank runs when it leaves a `distributed()` scope normally, so a rank that
+    leaves while others still call collectives is named instead of hanging them."""
+    ledger = ledger_of(runtime)
+    barrier(runtime, ledger.opened_at or fixed_site("distributed()"), LEAVE_SCOPE)
+    ledger.left = True
+
+
+def set_trigger() -> None:
+    """Raise a flag that `check_trigger()` reports on every rank (call it on any rank). Example::
+
+    if not torch.isfinite(loss):
+        set_trigger()
+    if check_trigger():      # on every rank: True when any rank set it
+        break
+    """
+    current("set_trigger").state.extensions[_TRIGGER] = True
+
+
+def check_trigger() -> bool:
+    """True on every rank when any rank called `set_trigger()` since the last check; resets the flag.
+
+    Every rank must call it at the same point (it is a collective). Example::
+
+        for batch in loader:
+            ...
+            if early_stopping.should_stop(val_loss):
+                set_trigger()
+            if check_trigger():
+                break
+    """
+    runtime = current("check_trigger")
+    flag = bool(runtime.state.extensions.pop(_TRIGGER, False))
+    if runtime.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.uint8, device=runtime.collective_device)
+    with Collective(runtime, "check_trigger", call_site(1), [t]) as agreement:
+        assert agreement.rows is not None
+        return bool(agreement.rows.any())
 
 
 @contextlib.contextmanager
@@ -301,7 +441,6 @@ def split_between_processes(inputs: Any, apply_padding: bool = False) -> Iterato
             results = [generate(p) for p in my_prompts]
     """
     runtime = current("split_between_processes")
-    # by data-parallel rank: ranks of one tensor/context/pipeline group must get the same share
     yield _share(inputs, runtime.dp_rank, runtime.dp_world_size, apply_padding)
 
 

@@ -19,6 +19,8 @@ and `DISTRIB_GRACE_PERIOD`, in `_launch/records.py`.) `DISTRIB_CONFIG_DIR` and
 `XDG_CONFIG_HOME` locate the config file. The launcher (`distrib launch`) also reads, through
 `slurm_step` and `omp_num_threads`, the SLURM step variables (`SLURM_STEP_NUM_NODES`, `SLURM_NODEID`,
 `SLURM_STEP_NUM_TASKS`, `SLURM_STEP_NODELIST`, `SLURM_JOB_ID`) and an exported `OMP_NUM_THREADS`.
+The stall watchdog writes its dumps into `DISTRIB_DIAGNOSTICS_DIR` (set per attempt by `distrib launch`);
+the DeepSpeed build-lock check honours torch's `TORCH_EXTENSIONS_DIR`.
 """
 
 from __future__ import annotations
@@ -258,3 +260,18 @@ def omp_num_threads(environ: Mapping[str, str] | None = None) -> str | None:
     """The `OMP_NUM_THREADS` value, if set (the launcher keeps a value the user exported)."""
     env = os.environ if environ is None else environ
     return env.get("OMP_NUM_THREADS")
+
+
+def diagnostics_directory(environ: Mapping[str, str] | None = None) -> Path | None:
+    """Where each rank writes its stall dump: `$DISTRIB_DIAGNOSTICS_DIR` (set by `distrib launch` for each
+    attempt), or None (the dump then goes to stderr)."""
+    env = os.environ if environ is None else environ
+    value = env.get("DISTRIB_DIAGNOSTICS_DIR")
+    return Path(value) if value else None
+
+
+def torch_extensions_directory(environ: Mapping[str, str] | None = None) -> Path | None:
+    """`$TORCH_EXTENSIONS_DIR`, where torch builds JIT extensions when it is set."""
+    env = os.environ if environ is None else environ
+    value = env.get("TORCH_EXTENSIONS_DIR")
+    return Path(value) if value else None

@@ -64,14 +64,25 @@ def install(runtime: Runtime) -> None:
     state = Preemption()
     for signum in SIGNALS:
         state.previous_handlers[signum] = signal.signal(signum, state.handle)
+    _rearm_launcher_stack_dump()
     runtime.state.extensions[_KEY] = state
     runtime.call_on_close(lambda: _uninstall(state))
+
+
+def _rearm_launcher_stack_dump() -> None:
+    """Under `distrib launch` a worker dumps its stacks when SIGTERM arrives (a rank stuck in C code never
+    runs a Python handler); keep that dump in front of the handler installed here."""
+    if "distrib._launch.records" in sys.modules:
+        from ._launch import records
+
+        records.rearm_stack_dump()
 
 
 def _uninstall(state: Preemption) -> None:
     for signum, handler in state.previous_handlers.items():
         signal.signal(signum, handler)
     state.previous_handlers.clear()
+    _rearm_launcher_stack_dump()
 
 
 def at_step_boundary(runtime: Runtime) -> None:

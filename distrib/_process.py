@@ -1,4 +1,5 @@
-"""Process control: who is the main process, ordering blocks across ranks, printing once, seeding."""
+"""Process control: who is the main process, running code on one rank, ordering blocks across ranks,
+printing once, seeding."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from ._runtime import current, current_or_none
+from ._collectives import barrier
+from ._ledger import Site, call_site
+from ._runtime import Runtime, current, current_or_none
+from .errors import TrainingError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,19 +32,18 @@ def is_local_main_process() -> bool:
     return current("is_local_main_process").is_local_main_process
 
 
-def _barrier() -> None:
-    from ._collectives import wait_for_everyone
-
-    wait_for_everyone()
-
-
 @contextlib.contextmanager
-def _first(run_first: bool) -> Iterator[None]:
+def _first(runtime: Runtime, run_first: bool, op: str, site: Site) -> Iterator[None]:
+    # the ranks that go first meet the others at the end of the block, the others at its start: one
+    # collective, named after the `with` line on every rank
+    if runtime.world_size == 1:
+        yield
+        return
     if not run_first:
-        _barrier()
+        barrier(runtime, site, op)
     yield
     if run_first:
-        _barrier()
+        barrier(runtime, site, op)
 
 
 def main_process_first() -> contextlib.AbstractContextManager[None]:
@@ -49,7 +52,8 @@ def main_process_first() -> contextlib.AbstractContextManager[None]:
     with main_process_first():
         dataset = load_and_cache_dataset()
     """
-    return _first(current("main_process_first").is_main_process)
+    runtime = current("main_process_first")
+    return _first(runtime, runtime.is_main_process, "main_process_first", call_site(1))
 
 
 def local_main_process_first() -> contextlib.AbstractContextManager[None]:
@@ -58,7 +62,8 @@ def local_main_process_first() -> contextlib.AbstractContextManager[None]:
     with local_main_process_first():
         tokenizer = build_tokenizer_cache()
     """
-    return _first(current("local_main_process_first").is_local_main_process)
+    runtime = current("local_main_process_first")
+    return _first(runtime, runtime.is_local_main_process, "local_main_process_first", call_site(1))
 
 
 def on_main_process(fn: F) -> F:
@@ -87,6 +92,57 @@ def on_local_main_process(fn: F) -> F:
         return fn(*args, **kwargs) if current(fn.__name__).is_local_main_process else None
 
     return wrapper  # type: ignore[return-value]
+
+
+def on_last_process(fn: F) -> F:
+    """Decorator: run the function only on the last process (rank `world_size - 1`); others return None.
+
+    Example::
+
+        @on_last_process
+        def report(metrics): ...
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs) if current(fn.__name__).is_last_process else None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def on_process(rank: int) -> Callable[[F], F]:
+    """Decorator factory: run the function only on global rank `rank`; the others return None.
+
+    Calling the function in a run that has no such rank raises `TrainingError` instead of silently
+    never running it. Example::
+
+        @on_process(1)
+        def write_shard_index(index): ...
+    """
+    if callable(rank) and not isinstance(rank, int):
+        raise TypeError(
+            f"on_process needs the rank to run on: write @on_process(1) above {getattr(rank, '__name__', 'it')}, "
+            "not @on_process."
+        )
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise TypeError(f"on_process(rank={rank!r}) needs a rank number >= 0.")
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            runtime = current(fn.__name__)
+            if rank >= runtime.world_size:
+                raise TrainingError(
+                    f"{fn.__name__}() is decorated with @on_process({rank}), but the run has "
+                    f"{runtime.world_size} process{'es' if runtime.world_size > 1 else ''} (ranks 0 to "
+                    f"{runtime.world_size - 1}), so it would never run; pick a rank below {runtime.world_size}, "
+                    "or use @on_last_process."
+                )
+            return fn(*args, **kwargs) if runtime.rank == rank else None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def print(*args: Any, **kwargs: Any) -> None:

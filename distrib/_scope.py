@@ -15,7 +15,7 @@ from typing import Any, TypeVar, overload
 import torch
 import torch.distributed as dist
 
-from . import _codec, _preemption, _runtime, parallel, strategies
+from . import _codec, _preemption, _runtime, _scope_checks, parallel, strategies
 from ._environment import read_environment, resolve_settings
 from ._runtime import Runtime, TrainingState
 from ._settings import Settings
@@ -97,6 +97,7 @@ class distributed:
         runtime.state.strategy_state = strategy.setup(runtime)
         stack.callback(strategy.teardown, runtime)
         runtime.state.scaler = plan.make_scaler() if plan.make_scaler is not None else None
+        _scope_checks.open_scope(runtime)  # collective ledger, stall watchdog, straggler report
         _runtime.push(runtime)
         stack.callback(_runtime.pop, runtime)
         stack.callback(_run_closers, runtime)

@@ -57,6 +57,8 @@ class Settings(_validation.KeywordFields):
     background_saves: bool = False
     check_replicas_every: int | None = 1000
     straggler_report_every: int | None = None
+    straggler_threshold: float = 0.2
+    debug_collectives: bool = False
     preemption_exit_code: int = 75
     ddp: DDPOptions = field(default_factory=DDPOptions)
     fsdp: FSDPOptions = field(default_factory=FSDPOptions)
@@ -85,6 +87,11 @@ class Settings(_validation.KeywordFields):
                 raise SettingsError(
                     f"Settings.{name}={value} must be >= 1 (optimizer steps), or None for off."
                 )
+        if self.straggler_threshold <= 0:
+            raise SettingsError(
+                f"Settings.straggler_threshold={self.straggler_threshold} must be > 0 (0.2 flags ranks more "
+                "than 20% slower than the median)."
+            )
         if not 0 <= self.preemption_exit_code <= 255:
             raise SettingsError(
                 f"Settings.preemption_exit_code={self.preemption_exit_code} must be an exit status, 0 to 255."

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import _replicas
+from . import _replicas, _straggler
 from ._precision import unscale_all
 from ._runtime import Runtime, TrainingState, current
 from .errors import TrainingError
@@ -40,7 +40,11 @@ def backward(loss: torch.Tensor, **kwargs: Any) -> None:
     window = state.window_size
     if window > 1:
         loss = loss / window
-    runtime.strategy_module.backward(runtime, loss, **kwargs)
+    timer = runtime.state.extensions.get(_straggler.KEY)
+    if timer is None:
+        runtime.strategy_module.backward(runtime, loss, **kwargs)
+    else:  # straggler_report_every is set: time the wait for gradient synchronisation
+        timer.backward(runtime, loss, kwargs)
 
 
 def _check_replicas(runtime: Runtime) -> None:

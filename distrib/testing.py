@@ -47,8 +47,9 @@ def _worker(
 
     os.environ.update(environ)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
-    # the parent sends SIGUSR1 before it gives up on a hung rank: print every thread's stack
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    # the parent sends SIGUSR2 before it gives up on a hung rank: print every thread's stack (SIGUSR1 and
+    # SIGTERM announce a preemption, which a scope catches)
+    faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
     try:
         value = fn(*args, **kwargs)
     except BaseException:
@@ -123,7 +124,7 @@ def _collect(procs: list[Any], results: Any, timeout: float) -> dict[int, tuple[
         p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
     hung = [p for p in procs if p.is_alive()]
     for p in hung:
-        os.kill(p.pid, signal.SIGUSR1)  # each hung rank prints its stacks to stderr
+        os.kill(p.pid, signal.SIGUSR2)  # each hung rank prints its stacks to stderr
     time.sleep(1.0 if hung else 0.0)
     for p in hung:
         p.terminate()

@@ -78,6 +78,14 @@ def install_worker_guards() -> None:
             os.register_at_fork(after_in_child=_forget_stack_dump)
 
 
+def rearm_stack_dump() -> None:
+    """Put the SIGTERM stack dump back in front after something installed a Python handler for SIGTERM
+    (the scope's preemption handler): faulthandler dumps first, then chains to that handler."""
+    if _stack_file:
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            faulthandler.register(signal.SIGTERM, file=_stack_file[0], all_threads=True, chain=True)
+
+
 def _forget_stack_dump() -> None:
     with contextlib.suppress(RuntimeError, ValueError):
         faulthandler.unregister(signal.SIGTERM)

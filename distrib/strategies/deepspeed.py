@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .. import _compile, _precision
+from .. import _build_lock, _compile, _precision
 from ..errors import PrecisionError, PrepareError, TrainingError, missing_extra
 from . import _deepspeed_config, _defaults, _process_group
 from ._deepspeed_engine import CHECKPOINT_WORLD_SIZE_DEPENDENT as CHECKPOINT_WORLD_SIZE_DEPENDENT
@@ -105,6 +105,7 @@ def setup(runtime: Runtime) -> DeepSpeedState:
     compiler (about 30 s; cached under ~/.cache/torch_extensions afterwards).
     """
     deepspeed = _import_deepspeed()
+    _build_lock.check_before_build(runtime)  # a lock left by an interrupted build would hang init forever
     deepspeed.init_distributed(
         dist_backend=_process_group.backend_for(runtime.device), dist_init_required=False
     )
