@@ -117,7 +117,10 @@ def from_flat(flat: Mapping[str, Any], *, source: str = "settings") -> dict[str,
 def encode(name: str, value: Any) -> str:
     """The text of one setting's value, as its `DISTRIB_*` variable carries it (see `decode`)."""
     if _is_instance(value) or isinstance(value, Mapping):
-        fields = section_fields(name, value) if name in SECTIONS else dict(value)
+        if name in SECTIONS:
+            fields = section_fields(name, value)
+        else:  # an option object that is not a section (e.g. `compile=CompileOptions(...)`)
+            fields = explicit_fields(value) if _is_instance(value) else dict(value)
         for field_name, field_value in fields.items():
             _check_travels(f"{name}.{field_name}", field_value)
         return json.dumps(fields, default=_unencodable(name))

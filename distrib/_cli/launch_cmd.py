@@ -133,15 +133,11 @@ def parse_env_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def check_dynamo(params: Mapping[str, Any]) -> None:
-    """Accelerate's `--dynamo_backend no` is accepted; a real backend would be silently not compiled."""
-    backend = params.get("dynamo_backend")
-    if backend is not None and str(backend).lower() != "no":
-        raise SettingsError(
-            f"--dynamo_backend {backend}: distrib launch does not compile the model; call torch.compile(model, "
-            f"backend={str(backend).lower()!r}) in your script before prepare() (or FSDPOptions(compile=True) "
-            "with FSDP), and drop the flag."
-        )
+def check_dynamo(params: Mapping[str, Any], values: dict[str, Any]) -> None:
+    """Accelerate's `--dynamo_backend BACKEND` is the `compile` setting with that backend (`no`: none)."""
+    chosen = accelerate_compat.compile_options(params.get("dynamo_backend"))
+    if chosen is not None and "compile" not in values:
+        values["compile"] = chosen
 
 
 def switched_strategy(params: Mapping[str, Any], values: dict[str, Any]) -> None:
@@ -187,7 +183,7 @@ def make_plan(params: dict[str, Any], target: Target) -> LaunchPlan:
         found = config_file.load_effective(params.get("config_file"))
         cli_values = values_from_params(params)
         switched_strategy(params, cli_values)
-        check_dynamo(params)
+        check_dynamo(params, cli_values)
         flag_warnings = accelerate_flags(params, cli_values)
         values = {**found.values, **cli_values}
         sources = {k: "file" for k in found.values} | {k: "command line" for k in cli_values}

@@ -67,7 +67,6 @@ _IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
         "configurable",
     ),
     "tp_config": (({}, None), "distrib has no tensor parallelism"),
-    "parallelism_config": (({}, None), "distrib has no tensor, context or pipeline parallelism"),
     "megatron_lm_config": (({}, None), "distrib does not run Megatron-LM"),
     "ipex_config": (({}, None), "distrib does not use Intel Extension for PyTorch"),
     "mpirun_config": (
@@ -75,12 +74,6 @@ _IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
         "distrib launch starts workers with torch's elastic agent; to use mpirun, start the script with "
         "mpirun directly (distributed() reads the OMPI_*/PMI_* variables)",
     ),
-    "dynamo_config": (
-        ({}, None),
-        "distrib does not compile from the config file; call torch.compile on the model yourself, or use "
-        "FSDPOptions(compile=True) with FSDP",
-    ),
-    "dynamo_backend": (("NO", "no", None), "see dynamo_config"),
     "tpu_name": ((None,), "TPU pod setup (`accelerate tpu-config`) is not part of distrib launch"),
     "tpu_zone": ((None,), "TPU pod setup (`accelerate tpu-config`) is not part of distrib launch"),
     "tpu_use_cluster": ((False, None), "on a TPU pod, run distrib launch on every host"),
@@ -448,7 +441,60 @@ def _offload(key: str, value: Any, ds: dict[str, Any], warnings: list[str]) -> N
     ds[name] = value == "cpu"
 
 
+def compile_options(backend: Any, config: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """Accelerate's dynamo backend (and `dynamo_config`) as distrib's `compile` setting; None for "no"."""
+    name = str(backend or "no").strip().lower()
+    if name == "no":
+        return None
+    config = config or {}
+    out: dict[str, Any] = {"backend": name}
+    if config.get("dynamo_mode") not in (None, "default"):
+        out["mode"] = str(config["dynamo_mode"])
+    for key, field in (
+        ("dynamo_use_fullgraph", "fullgraph"),
+        ("dynamo_use_regional_compilation", "regional"),
+    ):
+        if config.get(key) is not None:
+            out[field] = _truthy(config[key], key)
+    if config.get("dynamo_use_dynamic") is not None:
+        out["dynamic"] = _truthy(config["dynamo_use_dynamic"], "dynamo_use_dynamic")
+    return out
+
+
+def _parallelism_config(value: Any, out: dict[str, Any], warnings: list[str], source: str) -> None:
+    """Accelerate's ParallelismConfig sizes (`parallelism_config_tp_size: 2` or `tp_size: 2`)."""
+    if not isinstance(value, Mapping):
+        return
+    sizes = {}
+    for key, size in value.items():
+        name = str(key).removeprefix("parallelism_config_").removesuffix("_size")
+        if name in ("dp_replicate", "dp_shard", "tp", "cp") and size is not None:
+            sizes[name] = int(size)
+        elif size is not None:
+            warnings.append(
+                f"Accelerate key parallelism_config.{key}={size!r} is ignored: distrib has no such size"
+            )
+    if sizes:
+        out["parallelism"] = sizes
+
+
+def _dynamo_config(value: Any, out: dict[str, Any], warnings: list[str], source: str) -> None:
+    if isinstance(value, Mapping):
+        chosen = compile_options(value.get("dynamo_backend"), value)
+        if chosen is not None:
+            out["compile"] = chosen
+
+
+def _dynamo_backend(value: Any, out: dict[str, Any], warnings: list[str], source: str) -> None:
+    chosen = compile_options(value)
+    if chosen is not None and "compile" not in out:
+        out["compile"] = chosen
+
+
 _TRANSLATORS: dict[str, Translator] = {
+    "parallelism_config": _parallelism_config,
+    "dynamo_config": _dynamo_config,
+    "dynamo_backend": _dynamo_backend,
     "compute_environment": _compute_environment,
     "distributed_type": _distributed_type,
     "use_cpu": _use_cpu,

@@ -339,11 +339,11 @@ def test_ignored_accelerate_keys_are_warned_about_with_the_reason():
     }
     out, warnings = accelerate_compat.translate(raw)
     assert out["gpu_ids"] == "0,1" and "num_processes" not in out  # -1: decided at launch
+    assert out["compile"] == {"backend": "inductor"}  # dynamo_config is the compile setting
     text = "\n".join(warnings)
     for expected in (
         "debug=True is ignored: distrib has no debug switch",
         "enable_cpu_affinity=True is ignored: distrib does not pin workers",
-        "dynamo_config={'dynamo_backend': 'INDUCTOR'} is ignored: distrib does not compile",
         "main_training_function='train' is ignored",
         "fsdp_state_dict_type='FULL_STATE_DICT' is ignored: save_state always writes FSDP state sharded",
         "fsdp_backward_prefetch='BACKWARD_PRE' is ignored: FSDP2 prefetches",
@@ -412,12 +412,25 @@ def test_accelerates_value_flags_are_translated_like_its_config():
     assert code == 2 and "two values" in out
 
 
-def test_accelerates_no_op_flags_are_accepted_and_dynamo_is_refused_with_the_fix():
+def test_accelerates_no_op_flags_are_accepted_and_dynamo_backend_is_the_compile_setting():
     code, out = invoke(
         "launch", "--dry-run", "--same_network", "--debug", "--dynamo_backend", "no", "train.py"
     )
     assert code == 0, out
     code, out = invoke("launch", "--dry-run", "--dynamo_backend", "inductor", "train.py")
-    assert code == 2 and "call torch.compile(model, backend='inductor')" in out
+    assert code == 0 and "compile={'backend': 'inductor'}" in out and 'DISTRIB_COMPILE={"backend": "inductor"}' in out
     code, out = invoke("launch", "--dry-run", "--tpu", "train.py")
     assert code == 2 and "strategy 'xla' cannot run here" in out  # --tpu chose xla; torch_xla is missing here
+
+
+def test_accelerate_parallelism_and_dynamo_configs_become_distrib_settings(tmp_path: Path):
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 4\n"
+        "parallelism_config:\n  parallelism_config_tp_size: 2\n  parallelism_config_dp_shard_size: 2\n"
+        "dynamo_config:\n  dynamo_backend: INDUCTOR\n  dynamo_use_regional_compilation: true\n"
+    )
+    code, out = invoke("launch", "--dry-run", "--config-file", str(path), "train.py")
+    assert code == 0, out
+    assert 'DISTRIB_PARALLELISM={"dp_shard": 2, "tp": 2}' in out or '"tp": 2' in out, out
+    assert 'DISTRIB_COMPILE={"regional": true}' in out, out
