@@ -32,6 +32,7 @@ BENCHMARKS = {
     "checkpoint": "bench_checkpoint.py",
     "big_model": "bench_big_model.py",
     "memory": "bench_memory.py",
+    "guards": "bench_guards.py",
 }
 OWN = ("step", "dataloader", "gather")
 TITLES = {

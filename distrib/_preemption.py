@@ -79,6 +79,8 @@ def _rearm_launcher_stack_dump() -> None:
 
 
 def _uninstall(state: Preemption) -> None:
+    if state.pending is not None:  # every rank started it at the same boundary: it completes; then the
+        _read_pending(state)  # process group is no longer held by it and can be destroyed
     for signum, handler in state.previous_handlers.items():
         signal.signal(signum, handler)
     state.previous_handlers.clear()

@@ -43,6 +43,23 @@ def backend_for(device: torch.device) -> str:
 
 #: groups this process has created; part of each group's store prefix (see init_process_group)
 _GROUPS_CREATED = itertools.count()
+#: (address, port, rank, world size) -> the store rank 0 hosts for the whole job (launches without an agent)
+_JOB_STORES: dict[tuple[str, int, int, int], dist.Store] = {}
+
+
+def _job_store(env: ProcessEnvironment, timeout: datetime.timedelta) -> dist.Store:
+    assert env.master_addr is not None and env.master_port is not None
+    key = (env.master_addr, env.master_port, env.rank, env.world_size)
+    if key not in _JOB_STORES:
+        _JOB_STORES[key] = dist.TCPStore(
+            env.master_addr,
+            env.master_port,
+            env.world_size,
+            is_master=env.rank == 0,
+            timeout=timeout,
+            wait_for_workers=False,
+        )
+    return _JOB_STORES[key]
 
 
 def init_process_group(env: ProcessEnvironment, settings: Settings, device: torch.device) -> bool:
@@ -52,12 +69,8 @@ def init_process_group(env: ProcessEnvironment, settings: Settings, device: torc
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=settings.timeout)
-    store: dist.Store | None = None
-    init_method: str | None = None
-    if not env.agent_store:
-        # SLURM, MPI, hand-set variables: no launcher store, so rank 0 hosts a new one for this group
-        init_method = f"tcp://{env.master_addr}:{env.master_port}"
-    else:
+    assert env.master_addr is not None and env.master_port is not None
+    if env.agent_store:
         # torchrun's agent keeps one store at MASTER_ADDR:MASTER_PORT for the whole job, and env:// has not
         # given each group a key prefix of its own since torch 2.5: a second scope in the same process, or
         # the group of a restart attempt, would read the gloo addresses the previous group left there and
@@ -66,13 +79,20 @@ def init_process_group(env: ProcessEnvironment, settings: Settings, device: torc
         # attempt has the same TORCHELASTIC_RESTART_COUNT; across machines the agents count restarts
         # separately, and `distrib launch` gives every attempt a new store, see _launch/executor.py) and the
         # number of groups this process created before (every rank opens its scopes in the same order).
-        assert env.master_addr is not None and env.master_port is not None
-        agent_store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
+        job_store: dist.Store = dist.TCPStore(
+            env.master_addr, env.master_port, is_master=False, timeout=timeout
+        )
         attempt = f"attempt_{env.restart_count}/" if env.num_nodes == 1 else ""
-        store = dist.PrefixStore(f"distrib/{attempt}group_{next(_GROUPS_CREATED)}", agent_store)
+    else:
+        # SLURM, MPI, hand-set variables: no launcher store, so rank 0 hosts one for the job and keeps it
+        # for the process's lifetime. A store per group on the same port would race: a rank that opened
+        # its next scope before rank 0 had torn the previous store down would read that store's stale keys
+        # (and hang, or pair with the wrong peers). The groups share the job's store under their prefixes.
+        job_store = _job_store(env, timeout)
+        attempt = ""
+    store = dist.PrefixStore(f"distrib/{attempt}group_{next(_GROUPS_CREATED)}", job_store)
     dist.init_process_group(
         backend=backend_for(device),
-        init_method=init_method,
         store=store,
         rank=env.rank,
         world_size=env.world_size,
