@@ -42,8 +42,8 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def examples(session: nox.Session) -> None:
-    """Run every example on 2 CPU processes (with `datasets`, which only hf_datasets.py needs)."""
-    session.install(*CONSTRAINTS, "-e", ".[test]", "datasets")
+    """Run every example on 2 CPU processes."""
+    session.install(*CONSTRAINTS, "-e", ".[test]")
     session.run("python", "-m", "pytest", "tests/launch/test_examples.py", *session.posargs)
 
 

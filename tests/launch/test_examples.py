@@ -27,9 +27,14 @@ ARGS: dict[str, list[str]] = {
     "image_classifier.py": ["--epochs", "1"],
     "nlp_finetune.py": ["--epochs", "1"],
     "hf_datasets.py": ["--epochs", "1"],
+    "peft_lora.py": ["--epochs", "1"],
 }
 # examples that need an optional package: skipped with the reason when it is missing
-REQUIRES: dict[str, str] = {"nlp_finetune.py": "transformers", "hf_datasets.py": "datasets"}
+REQUIRES: dict[str, str] = {
+    "nlp_finetune.py": "transformers",
+    "hf_datasets.py": "datasets",
+    "peft_lora.py": "peft",
+}
 TIMEOUT = 300  # seconds per example: a loaded 2-core machine starts two ranks in ~10-20 s
 
 
@@ -58,6 +63,23 @@ def test_example_runs_on_two_processes(script: Path, tmp_path: Path) -> None:
     output = f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
     assert proc.returncode == 0, f"{script.name} failed with exit code {proc.returncode}\n{output}"
     assert (proc.stdout + proc.stderr).strip(), f"{script.name} printed nothing"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "strategy", [["--strategy", "fsdp"], ["--strategy", "deepspeed", "--zero-stage", "3"]]
+)
+def test_lora_fine_tuning_trains_only_the_adapters_under_sharded_strategies(strategy, tmp_path: Path) -> None:
+    if importlib.util.find_spec("peft") is None:
+        pytest.skip("peft_lora.py needs peft, which is not installed (pip install peft)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTRIB_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "distrib", "launch", "--num-processes", "2", "--cpu", *strategy,
+           str(ROOT / "examples" / "peft_lora.py"), "--epochs", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"strategy {strategy[1]}: training" in proc.stdout
+    assert "lora weights changed: True; base weights unchanged: True" in proc.stdout, proc.stdout
 
 
 def test_every_example_is_listed_in_the_guide() -> None:

@@ -418,7 +418,11 @@ def test_accelerates_no_op_flags_are_accepted_and_dynamo_backend_is_the_compile_
     )
     assert code == 0, out
     code, out = invoke("launch", "--dry-run", "--dynamo_backend", "inductor", "train.py")
-    assert code == 0 and "compile={'backend': 'inductor'}" in out and 'DISTRIB_COMPILE={"backend": "inductor"}' in out
+    assert (
+        code == 0
+        and "compile={'backend': 'inductor'}" in out
+        and 'DISTRIB_COMPILE={"backend": "inductor"}' in out
+    )
     code, out = invoke("launch", "--dry-run", "--tpu", "train.py")
     assert code == 2 and "strategy 'xla' cannot run here" in out  # --tpu chose xla; torch_xla is missing here
 
