@@ -15,12 +15,15 @@ def test_cuda_device_and_fp16_loss_scaling():
 
     with distributed(mixed_precision="fp16") as ctx:
         assert ctx.device.type == "cuda"
-        model = torch.nn.Linear(8, 1)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 1))
+        inside: list[torch.dtype] = []  # the dtype inside the forward: outputs are cast back to float32
+        model[0].register_forward_hook(lambda module, args, output: inside.append(output.dtype))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         model, optimizer = prepare(model, optimizer)
         assert next(model.parameters()).device.type == "cuda"
         out = model(torch.randn(4, 8, device=ctx.device))
         assert out.dtype == torch.float32, "outputs come back in float32"
+        assert inside == [torch.float16], "the forward ran under fp16 autocast"
         backward(out.float().pow(2).mean())
         optimizer.step()
         assert optimizer_step_was_skipped() is False
@@ -34,8 +37,12 @@ def test_bf16_on_gpu():
     from distrib import distributed, prepare
 
     with distributed(mixed_precision="bf16"):
-        model = prepare(torch.nn.Linear(8, 8))
+        net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        inside: list[torch.dtype] = []
+        net[0].register_forward_hook(lambda module, args, output: inside.append(output.dtype))
+        model = prepare(net)
         assert model(torch.randn(2, 8, device="cuda")).dtype == torch.float32
+        assert inside == [torch.bfloat16], "the forward ran under bf16 autocast"
 
 
 def _nccl_worker() -> dict:
