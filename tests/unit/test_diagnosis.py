@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from distrib import _diagnosis
@@ -152,23 +151,9 @@ def one_rank_group():
 
 
 def _runtime():
-    from distrib._runtime import Runtime
-    from distrib._settings import Settings
-    from distrib.strategies import single
+    from tests._support.runtime import fake_runtime
 
-    return Runtime(
-        settings=Settings(),
-        strategy_module=single,
-        precision=single.precision_plan(Settings(), torch.device("cpu")),
-        rank=0,
-        local_rank=0,
-        world_size=1,
-        local_world_size=1,
-        node_rank=0,
-        num_nodes=1,
-        device=torch.device("cpu"),
-        launcher="python",
-    )
+    return fake_runtime()
 
 
 @pytest.mark.parametrize("to_directory", [True, False])

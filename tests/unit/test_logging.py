@@ -12,32 +12,18 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 import distrib
 from distrib import _runtime
 from distrib._runtime import Runtime
-from distrib._settings import Settings
 from distrib.errors import MissingExtraError
-from distrib.strategies import single
+from tests._support.runtime import fake_runtime
 
 
 @contextlib.contextmanager
 def as_rank(rank: int, world_size: int = 2, local_rank: int | None = None) -> Iterator[Runtime]:
     """A runtime at `rank` on the thread-local stack, as a rank of a `world_size`-process job."""
-    runtime = Runtime(
-        settings=Settings(),
-        strategy_module=single,
-        precision=single.precision_plan(Settings(), torch.device("cpu")),
-        rank=rank,
-        local_rank=rank if local_rank is None else local_rank,
-        world_size=world_size,
-        local_world_size=world_size,
-        node_rank=0,
-        num_nodes=1,
-        device=torch.device("cpu"),
-        launcher="python",
-    )
+    runtime = fake_runtime(rank, world_size, local_rank)
     _runtime.push(runtime)
     try:
         yield runtime

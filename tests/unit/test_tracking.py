@@ -21,27 +21,14 @@ import torch
 import distrib
 from distrib import _runtime
 from distrib._runtime import Runtime
-from distrib._settings import Settings
 from distrib.errors import DistribWarning, MissingExtraError, NoScopeError
-from distrib.strategies import single
+from tests._support.runtime import fake_runtime
 
 
 @contextlib.contextmanager
 def as_rank(rank: int, world_size: int = 2, **settings: Any) -> Iterator[Runtime]:
     """A runtime at `rank` on the thread-local stack, as a rank of a `world_size`-process job."""
-    runtime = Runtime(
-        settings=Settings(**settings),
-        strategy_module=single,
-        precision=single.precision_plan(Settings(**settings), torch.device("cpu")),
-        rank=rank,
-        local_rank=rank,
-        world_size=world_size,
-        local_world_size=world_size,
-        node_rank=0,
-        num_nodes=1,
-        device=torch.device("cpu"),
-        launcher="python",
-    )
+    runtime = fake_runtime(rank, world_size, **settings)
     _runtime.push(runtime)
     try:
         yield runtime
