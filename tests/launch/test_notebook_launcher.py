@@ -56,7 +56,7 @@ def test_bad_arguments_are_refused_before_any_process_starts():
     with pytest.raises(SettingsError, match="unknown key 'mixed_precison'"):
         distrib.notebook_launcher(_describe, num_processes=2, cpu=True, mixed_precison="bf16")
     with pytest.raises(SettingsError, match="needs a GPU"):
-        distrib.notebook_launcher(_describe, num_processes=2, cpu=True, mixed_precision="fp16")
+        distrib.notebook_launcher(_describe, num_processes=2, cpu=True, mixed_precision="fp8")
 
 
 STDIN_SCRIPT = """
