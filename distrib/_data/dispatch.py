@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from .. import errors
 from .._preemption import at_step_boundary
+from .._straggler import timed_batches
 from .._tree import leaves, replace_leaves, send_to_device, tree_map
 from ..errors import DataError, PrepareError
 from .loader import PreparedDataLoader, loader_arguments
@@ -123,7 +124,7 @@ class DispatchedDataLoader(PreparedDataLoader):
             return _Failure(e)
 
     def _rank0_stream(self) -> Iterator[tuple[Any, bool] | None]:
-        iterator = DataLoader.__iter__(self)
+        iterator = timed_batches(self.runtime, DataLoader.__iter__(self))
         self.shard.start = 0  # the new iterator has taken it (DataLoader may call iter() on it twice)
         batch = next(iterator, None)
         while batch is not None:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from .._preemption import at_step_boundary
 from .._runtime import current
+from .._straggler import timed_batches
 from .._tree import send_to_device
 from ..errors import CheckpointMismatchError, DataError, DistribWarning, PrepareError, ResumeMismatchError
 from .order import all_values, encode_state, epoch_generator
@@ -325,7 +326,7 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
     def _batches(self) -> Iterator[Any]:
         total = len(self) if self._has_len() else None
         count = self.start_batch
-        iterator = super().__iter__()
+        iterator = timed_batches(self.runtime, super().__iter__())
         self.shard.start = 0  # the new iterator has taken it (DataLoader may call iter() on it twice)
         if total is None:
             yield from self._batches_with_lookahead(iterator, count)
