@@ -335,8 +335,9 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
         set_attribute = object.__setattr__
         move, device = self._move and self._device.type != "cpu", self._device
         state, boundary = self.runtime.state, at_step_boundary if _watches_preemption(self.runtime) else None
+        agreed_until = self._batches_on_every_rank(count)
         while True:
-            if boundary is not None and state.micro_step == 0:
+            if boundary is not None and state.micro_step == 0 and count <= agreed_until:
                 boundary(self.runtime)  # before the first batch of a window: preemption is agreed here
             batch = next(iterator, _END)
             if batch is _END:
@@ -346,10 +347,24 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
             set_attribute(self, "end_of_dataloader", count >= total)
             yield send_to_device(batch, device, non_blocking=True) if move else batch
 
+    def _batches_on_every_rank(self, start_batch: int) -> float:
+        """The count of batches yielded up to which every rank of the epoch is still iterating, so the
+        preemption agreement (a collective) is made at the same boundaries on all of them. Without
+        `even_batches` the final batches are ragged: ranks with fewer stop agreeing when they end, and
+        the others stop with them (`join_uneven_inputs`, an evaluation loop with local metrics)."""
+        cutter = self.shard.cutter
+        if cutter.same_count_everywhere():
+            return float("inf")
+        units = self._num_units() if self._has_len() else None
+        if units is None:
+            return -1  # a stream of unknown length, cut unevenly: ranks may end anywhere
+        return start_batch + cutter.num_batches(units, self._start, rank=cutter.world_size - 1)
+
     def _batches_with_lookahead(self, iterator: Iterator[Any], count: int) -> Iterator[Any]:
         # without a length, the last batch is known only when the next fetch fails; a batch fetched ahead
         # is not counted as yielded, so a checkpoint taken at a boundary resumes with it
-        watch, state = _watches_preemption(self.runtime), self.runtime.state
+        state = self.runtime.state
+        watch = _watches_preemption(self.runtime) and self.shard.cutter.same_count_everywhere()
         try:
             batch = next(iterator)
         except StopIteration:

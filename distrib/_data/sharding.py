@@ -95,14 +95,19 @@ class GlobalBatchCutter:
         if mine:
             yield mine
 
-    def num_batches(self, num_units: int, start: int = 0) -> int:
-        """This rank's batches when the order has `num_units` units and the cut starts at `start`."""
+    def num_batches(self, num_units: int, start: int = 0, rank: int | None = None) -> int:
+        """This rank's (or `rank`'s) batches when the order has `num_units` units and the cut starts at
+        `start`."""
         full, rest = divmod(max(0, num_units - start), self.global_size)
         if rest == 0 or self.drop_last:
             return full
         if self.even_batches:
             return full + 1
-        return full + (1 if rest > self.rank * self.batch_size else 0)
+        return full + (1 if rest > (self.rank if rank is None else rank) * self.batch_size else 0)
+
+    def same_count_everywhere(self) -> bool:
+        """Whether every rank yields the same number of batches, whatever the order's length."""
+        return self.even_batches or self.drop_last or self.world_size == 1
 
     def position(self, start: int, batches: int, num_units: int | None) -> tuple[int, int]:
         """(units consumed, padding units dealt) after `batches` global batches from `start`."""

@@ -17,6 +17,7 @@ from distrib import (
     distributed,
     join_uneven_inputs,
     prepare,
+    reduce,
     trigger_sync_in_backward,
 )
 from distrib.errors import SettingsError, TrainingError
@@ -147,6 +148,26 @@ def test_join_uneven_inputs_lets_the_longer_rank_finish():
     out = run_ranks(_uneven, 2, True, timeout=240)
     assert [o["batches"] for o in out] == [3, 2]
     torch.testing.assert_close(out[0]["weight"], out[1]["weight"])  # the replicas stayed identical
+
+
+def _ragged_evaluation() -> dict[str, Any]:
+    # 3 ranks, 9 samples, batch 2: ranks see 2, 2 and 1 batches; no collective per batch, one at the end
+    with distributed(cpu=True, even_batches=False) as ctx:
+        loader = prepare(DataLoader(TensorDataset(torch.arange(9.0)), batch_size=2))
+        batches, total = 0, torch.zeros(1)
+        for _epoch in range(2):
+            for (x,) in loader:
+                batches += 1
+                total += x.sum()
+        return {"rank": ctx.rank, "batches": batches, "total": reduce(total, "sum").item()}
+
+
+def test_ragged_batches_without_collectives_end_in_step():
+    # the loaders agree on preemption only at the boundaries every rank reaches, so the ranks that ran
+    # longer do not leave a collective behind that the final reduce would be matched with
+    out = run_ranks(_ragged_evaluation, 3, timeout=240)
+    assert [o["batches"] for o in out] == [4, 4, 2]
+    assert all(o["total"] == 2 * sum(range(9)) for o in out)
 
 
 def _join_under_fsdp() -> str:
