@@ -81,9 +81,18 @@ def install_worker_guards() -> None:
 def rearm_stack_dump() -> None:
     """Put the SIGTERM stack dump back in front after something installed a Python handler for SIGTERM
     (the scope's preemption handler): faulthandler dumps first, then chains to that handler."""
-    if _stack_file:
-        with contextlib.suppress(OSError, ValueError, RuntimeError):
-            faulthandler.register(signal.SIGTERM, file=_stack_file[0], all_threads=True, chain=True)
+    if not _stack_file:
+        return
+    with contextlib.suppress(OSError, ValueError, RuntimeError):
+        # faulthandler.register keeps an existing registration without re-installing its low-level
+        # handler, so a Python handler set since then would stay in front; and unregister puts back the
+        # handler that was there before faulthandler's first registration. So: take faulthandler off, put
+        # the Python handler back at the OS level, and register again: it dumps, then chains to that.
+        handler = signal.getsignal(signal.SIGTERM)
+        faulthandler.unregister(signal.SIGTERM)
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+        faulthandler.register(signal.SIGTERM, file=_stack_file[0], all_threads=True, chain=True)
 
 
 def _forget_stack_dump() -> None:
