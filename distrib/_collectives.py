@@ -66,9 +66,11 @@ def _only_representatives(runtime: Runtime, data: Any) -> Any:
 def gather(data: Any) -> Any:
     """Gather tensors (in any nested structure) from every rank, concatenated along dim 0 in rank order.
 
-    With N-D parallelism (the `parallelism` setting) it gathers over the data-parallel ranks only: the
-    ranks of one tensor/context/pipeline group hold the same samples. Scalars become 1-element tensors. Tensors may differ in their first dimension only; otherwise every
-    rank raises a `CollectiveMismatchError` naming each rank's shapes (pad with `pad_across_processes`).
+    With N-D parallelism (the `parallelism` setting) it gathers one copy per data-parallel rank: the
+    ranks of one tensor/context/pipeline group hold the same samples, and the first of them is taken, so
+    every rank receives the same result. Scalars become 1-element tensors. Tensors may differ in their
+    first dimension only; otherwise every rank raises a `CollectiveMismatchError` naming each rank's
+    shapes (pad with `pad_across_processes`).
     Example::
 
         all_losses = gather(loss.detach())       # shape [world_size]
