@@ -83,7 +83,9 @@ def _ratio(result: dict[str, Any]) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from distrib.testing import run_ranks
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rounds = 2 if args.quick else 15
     rows, cases = [], []
     for kind, (samples, batch) in sizes.items():
-        result = run_ranks(_worker, 2, kind, samples // (4 if args.quick else 1), batch, rounds, timeout=1800)[0]
+        result = run_ranks(
+            _worker, 2, kind, samples // (4 if args.quick else 1), batch, rounds, timeout=1800
+        )[0]
         ratio, p25, p75 = _ratio(result)
         step = statistics.median(result["wall"]["without"])
         check = statistics.median(result["check"])
