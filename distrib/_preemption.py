@@ -40,6 +40,7 @@ class Preemption:
 
     requested: int = 0  # the signal number, once one arrived
     pending: Any = None  # (work, tensor) of the all-reduce started at the previous boundary
+    device: torch.device | None = None  # where the flag travels (see _agreement_device)
     previous_handlers: dict[int, Any] = field(default_factory=dict)
 
     def handle(self, signum: int, frame: Any) -> None:
@@ -99,8 +100,16 @@ def at_step_boundary(runtime: Runtime) -> None:
     agreed = _read_pending(state)
     if agreed:
         _save_and_exit(runtime, state)
-    flag = torch.tensor([state.requested], dtype=torch.int64, device=runtime.collective_device)
+    if state.device is None:
+        state.device = _agreement_device(runtime)
+    flag = torch.tensor([state.requested], dtype=torch.int64, device=state.device)
     state.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+
+
+def _agreement_device(runtime: Runtime) -> torch.device:
+    """A CPU tensor whenever the group carries CPU tensors (gloo, also next to NCCL as CUDA runs have it):
+    then reading the flag at every step never waits for the accelerator's queue."""
+    return torch.device("cpu") if "gloo" in str(dist.get_backend()) else runtime.collective_device
 
 
 def _read_pending(state: Preemption) -> int:

@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-from distrib import FSDPOptions, backward, distributed, gather, prepare, reduce
+from distrib import FSDPOptions, _preemption, backward, distributed, gather, prepare, reduce
 
 pytestmark = pytest.mark.gpu
 
@@ -53,6 +53,8 @@ def test_ddp_with_device_ids_and_collectives_on_the_device():
         assert _train_steps(model, optimizer, ctx.device) < 1.0
         assert gather(torch.ones(2, device=ctx.device)).is_cuda
         assert float(reduce(torch.ones(1, device=ctx.device))) == ctx.world_size
+        # the per-step preemption flag travels over the group's gloo side: reading it never syncs the GPU
+        assert _preemption._agreement_device(ctx) == torch.device("cpu")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
