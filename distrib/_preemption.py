@@ -42,6 +42,7 @@ class Preemption:
     pending: Any = None  # (work, tensor) of the all-reduce started at the previous boundary
     device: torch.device | None = None  # where the flag travels (see _agreement_device)
     previous_handlers: dict[int, Any] = field(default_factory=dict)
+    runtime_state: Any = None  # the scope's state: is a prepared dataloader iterating?
 
     def handle(self, signum: int, frame: Any) -> None:
         if self.requested:  # a second signal: stop now, as if no handler were installed
@@ -56,13 +57,21 @@ class Preemption:
                 file=sys.stderr,
                 flush=True,
             )
+            if getattr(self.runtime_state, "active_dataloader", None) is None:
+                print(
+                    "distrib: no prepared dataloader is iterating now: the ranks agree on the signal when one "
+                    "fetches its next batch. A loop that reads no prepared dataloader is not stopped by it "
+                    "(prepare() your DataLoader, or a second signal stops this process at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 def install(runtime: Runtime) -> None:
     """Catch the preemption signals for the scope's lifetime (main thread only; Python's rule)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    state = Preemption()
+    state = Preemption(runtime_state=runtime.state)
     for signum in SIGNALS:
         state.previous_handlers[signum] = signal.signal(signum, state.handle)
     _rearm_launcher_stack_dump()

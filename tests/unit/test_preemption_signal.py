@@ -1,0 +1,46 @@
+"""A preemption signal in one process: acted on at the next batch of a prepared dataloader, and a loop
+without one is told so instead of waiting in silence for a save that never comes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from distrib import distributed, prepare
+
+
+def test_a_signal_outside_a_prepared_loader_says_the_loop_will_not_stop(capfd):
+    with distributed(cpu=True):
+        os.kill(os.getpid(), signal.SIGUSR1)
+    err = capfd.readouterr().err
+    assert "received SIGUSR1" in err
+    assert "no prepared dataloader is iterating now" in err and "prepare() your DataLoader" in err
+
+
+def test_a_signal_inside_a_prepared_loop_exits_75_at_the_next_batch(capfd, tmp_path):
+    seen = []
+    with pytest.raises(SystemExit) as stopped:
+        with distributed(cpu=True, project_dir=str(tmp_path)):
+            loader = prepare(DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2))
+            for (x,) in loader:
+                seen.append(x.tolist())
+                if len(seen) == 2:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+    assert stopped.value.code == 75
+    assert seen == [[0.0, 1.0], [2.0, 3.0]]  # stopped before the third batch
+    assert "no prepared dataloader" not in capfd.readouterr().err
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000000"]
+
+
+def test_handlers_are_restored_when_the_scope_closes():
+    before = signal.getsignal(signal.SIGUSR1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with distributed(cpu=True):
+            assert signal.getsignal(signal.SIGUSR1) is not before
+    assert signal.getsignal(signal.SIGUSR1) is before
