@@ -24,13 +24,12 @@ def test_a_signal_outside_a_prepared_loader_says_the_loop_will_not_stop(capfd):
 
 def test_a_signal_inside_a_prepared_loop_exits_75_at_the_next_batch(capfd, tmp_path):
     seen = []
-    with pytest.raises(SystemExit) as stopped:
-        with distributed(cpu=True, project_dir=str(tmp_path)):
-            loader = prepare(DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2))
-            for (x,) in loader:
-                seen.append(x.tolist())
-                if len(seen) == 2:
-                    os.kill(os.getpid(), signal.SIGUSR1)
+    with pytest.raises(SystemExit) as stopped, distributed(cpu=True, project_dir=str(tmp_path)):
+        loader = prepare(DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2))
+        for (x,) in loader:
+            seen.append(x.tolist())
+            if len(seen) == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
     assert stopped.value.code == 75
     assert seen == [[0.0, 1.0], [2.0, 3.0]]  # stopped before the third batch
     assert "no prepared dataloader" not in capfd.readouterr().err
