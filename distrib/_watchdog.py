@@ -3,8 +3,9 @@ state, the run gets one merged diagnosis naming the rank that is not in the coll
 
 Each rank runs one daemon thread that wakes every `stall_timeout / 10` seconds (at most every 5 s) and
 samples, without touching the training thread: the collectives it finished (the ledger), its optimizer
-steps, the position of the dataloader it iterates, and where its scope thread's Python code is. Any
-change is progress. A rank that has seen none for `stall_timeout` counts itself idle in the process
+steps, the position of the dataloader it iterates, where its scope thread's Python code is, and that
+thread's CPU time outside collectives (a rank inside one long C call, or spinning in a loop whose frame
+the sampler happens to catch at the same instruction, is busy, not stuck). Any change is progress. A rank that has seen none for `stall_timeout` counts itself idle in the process
 group's store; when every rank is idle (a rank that left the run counts as idle) the run is stalled:
 
 * every rank writes its dump (`_diagnosis.py`) into `DISTRIB_DIAGNOSTICS_DIR` when `distrib launch` set
@@ -15,8 +16,8 @@ group's store; when every rank is idle (a rank that left the run counts as idle)
   every dump: a hung collective cannot be interrupted, and waiting for torch's process-group timeout
   would only burn the allocation.
 
-A rank that spins in a Python loop keeps changing its frame and so is not idle: such a hang ends at the
-process-group timeout (`timeout`) instead. Costs nothing on the training thread; one store request per
+A rank that spins (a Python loop, or a CUDA synchronisation waiting on a hung NCCL kernel) burns CPU
+and so is not idle: such a hang ends at the process-group timeout (`timeout`) instead. Costs nothing on the training thread; one store request per
 rank per wake-up while idle.
 """
 
@@ -42,6 +43,8 @@ _DUMPED = "watchdog/dumped"
 _DONE = "watchdog/reported"
 #: how long rank 0 waits for the others' dumps before it reports what it has
 COLLECT_SECONDS = 10.0
+#: the share of a sampling interval the scope thread must spend on the CPU to count as busy
+BUSY_CPU_SHARE = 0.05
 
 
 class Watchdog:
@@ -60,6 +63,7 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="distrib-stall-watchdog", daemon=True)
         self.idle = False
         self._exit = os._exit  # replaced in tests that must not end the process
+        self._cpu_seen: tuple[float | None, float] = (None, 0.0)
 
     def start(self) -> None:
         self._thread.start()
@@ -78,6 +82,14 @@ class Watchdog:
         where = (id(frame), frame.f_lasti) if frame is not None else None
         return (self.ledger.completed, state.optimizer_steps, position, where)
 
+    def _busy(self) -> bool:
+        """Whether the scope thread spent CPU outside a collective since the last call."""
+        cpu, now = _thread_cpu_time(self.scope_thread), time.monotonic()
+        (cpu_before, then), self._cpu_seen = self._cpu_seen, (cpu, now)
+        if cpu is None or cpu_before is None or self.ledger.current is not None:
+            return False
+        return cpu - cpu_before >= BUSY_CPU_SHARE * (now - then)
+
     def _run(self) -> None:
         try:
             self._watch()
@@ -93,7 +105,7 @@ class Watchdog:
             if _default_group() is not group:
                 return  # the scope's process group is gone: its scope closed without stopping this thread
             sample, now = self._sample(), time.monotonic()
-            if sample != last:
+            if self._busy() or sample != last:
                 last, since = sample, now
             idle_for = now - since
             self._set_idle(store, idle_for >= self.timeout)
@@ -159,6 +171,14 @@ class Watchdog:
             )
         else:
             _say(_diagnosis.merge(dumps))
+
+
+def _thread_cpu_time(thread_id: int) -> float | None:
+    """The CPU time a thread has used (POSIX); None where the platform cannot tell or it ended."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread_id))
+    except (AttributeError, OSError):
+        return None
 
 
 def _default_group() -> Any:

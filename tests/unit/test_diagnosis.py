@@ -206,3 +206,42 @@ def test_progress_is_what_the_scope_thread_does(one_rank_group):
     assert watchdog._sample()[0] != first[0], "a finished collective is progress"
     runtime.state.optimizer_steps += 1
     assert watchdog._sample()[1] != first[1], "an optimizer step is progress"
+
+
+def test_a_thread_busy_on_the_cpu_is_progress_even_where_its_frame_stands_still(one_rank_group):
+    from distrib._ledger import Ledger
+    from distrib._watchdog import Watchdog
+
+    ledger = Ledger(0, 1)
+    watchdog = Watchdog(_runtime(), ledger, stall_timeout=100, directory=Path("/nonexistent"))
+    stop, started = threading.Event(), threading.Event()
+
+    def spin():  # one frame, at the same few instructions at every sample
+        started.set()
+        while not stop.is_set():
+            pass
+
+    def sleep():
+        started.set()
+        stop.wait(60)
+
+    for target, busy in ((spin, True), (sleep, False)):
+        stop.clear()
+        started.clear()
+        thread = threading.Thread(target=target)
+        thread.start()
+        started.wait(10)
+        watchdog.scope_thread = thread.ident
+        try:
+            watchdog._busy()
+            time.sleep(0.3)
+            assert watchdog._busy() is busy, target.__name__
+            if busy:  # CPU spent inside a collective is waiting, not progress
+                ledger.current = (1, None, time.monotonic())  # type: ignore[assignment]
+                watchdog._busy()
+                time.sleep(0.3)
+                assert watchdog._busy() is False
+                ledger.current = None
+        finally:
+            stop.set()
+            thread.join()
