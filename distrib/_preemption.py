@@ -3,19 +3,29 @@
 Clusters announce a preemption with a signal (SLURM's `--signal=USR1@90`, Kubernetes and torchrun's agent
 with SIGTERM), to all ranks or to a few. The scope installs handlers that only raise a flag; the ranks agree
 on it at an optimizer-step boundary, which is when a prepared dataloader fetches the first batch of a new
-accumulation window. The agreement is an asynchronous all-reduce started at one boundary and read at the
-next, so it never waits on the step's critical path; every rank reads the same result at the same
-boundary, so all of them save the same step: `save_state()` into the project layout (the `project_dir`
-setting), then `SystemExit(preemption_exit_code)` (75, `EX_TEMPFAIL`: "try again"), which `distrib launch`
-passes on. A relaunch resumes with `load_state("latest")`.
+accumulation window after an optimizer step. The agreement is an asynchronous all-reduce started at one
+boundary and read at the next, so it never waits on the step's critical path; every rank reads the same
+result at the same boundary, so all of them save the same step: `save_state()` into the project layout
+(the `project_dir` setting), then `SystemExit(preemption_exit_code)` (75, `EX_TEMPFAIL`: "try again"),
+which `distrib launch` passes on. A relaunch resumes with `load_state("latest")`.
+
+Batches with no optimizer step between them (an evaluation pass, inference) would pay one all-reduce per
+batch for nothing; there the gap between agreements doubles from one batch up to `idle_every`, a count
+the ranks agreed on in the previous all-reduce (each rank proposes as many batches as it fetches in
+`IDLE_SECONDS`, and the smallest proposal wins), so a signal during evaluation is acted on within about
+that time and a pass of n batches costs about log2(n) + n / idle_every all-reduces. Every choice of where
+to agree depends only on what all ranks share (batch counts, optimizer steps, agreed values), never on
+one rank's clock, so the all-reduces always match.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +42,10 @@ SIGNALS = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None
 )
 _KEY = "preemption"
+#: without optimizer steps, agree about this often (in batches fetched, agreed between the ranks)
+IDLE_SECONDS = 0.2
+#: ... but at least every this many batches
+MAX_IDLE_EVERY = 64
 
 
 @dataclass(eq=False)
@@ -43,6 +57,11 @@ class Preemption:
     device: torch.device | None = None  # where the flag travels (see _agreement_device)
     previous_handlers: dict[int, Any] = field(default_factory=dict)
     runtime_state: Any = None  # the scope's state: is a prepared dataloader iterating?
+    steps_seen: int = -1  # optimizer steps at the last agreement
+    since_agreement: int = 0  # boundaries since the last agreement
+    idle_every: int = 1  # agreed: the most boundaries between agreements while no optimizer steps
+    gap: int = 1  # boundaries from the last agreement to the next one while no optimizer steps
+    agreed_at: float = 0.0  # when this rank started the last agreement (for its proposal only)
 
     def handle(self, signum: int, frame: Any) -> None:
         if self.requested:  # a second signal: stop now, as if no handler were installed
@@ -106,13 +125,24 @@ def at_step_boundary(runtime: Runtime) -> None:
         if state.requested:
             _save_and_exit(runtime, state)
         return
+    state.since_agreement += 1
+    steps = runtime.state.optimizer_steps
+    stepped = steps != state.steps_seen
+    if not stepped and state.since_agreement < state.gap:
+        return
     agreed = _read_pending(state)
     if agreed:
         _save_and_exit(runtime, state)
+    state.gap = 1 if stepped else min(2 * state.gap, state.idle_every)
+    now = time.monotonic()
+    period = (now - state.agreed_at) / state.since_agreement if state.agreed_at else 0.0
+    proposal = min(MAX_IDLE_EVERY, max(1, math.ceil(IDLE_SECONDS / period))) if period > 0 else 1
+    state.steps_seen, state.since_agreement, state.agreed_at = steps, 0, now
     if state.device is None:
         state.device = _agreement_device(runtime)
-    flag = torch.tensor([state.requested], dtype=torch.int64, device=state.device)
-    state.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+    # one all-reduce (MAX) carries the flag and, negated, the smallest proposal for idle_every
+    message = torch.tensor([state.requested, -proposal], dtype=torch.int64, device=state.device)
+    state.pending = (dist.all_reduce(message, op=dist.ReduceOp.MAX, async_op=True), message)
 
 
 def _agreement_device(runtime: Runtime) -> torch.device:
@@ -122,12 +152,15 @@ def _agreement_device(runtime: Runtime) -> torch.device:
 
 
 def _read_pending(state: Preemption) -> int:
+    """Wait for the agreement in flight; adopt its `idle_every` and return the agreed signal (0: none)."""
     if state.pending is None:
         return 0
-    work, flag = state.pending
+    work, message = state.pending
     state.pending = None
     work.wait()
-    return int(flag.item())
+    signum, negated = message.tolist()
+    state.idle_every = -negated
+    return int(signum)
 
 
 def _save_and_exit(runtime: Runtime, state: Preemption) -> None:
