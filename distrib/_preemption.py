@@ -88,7 +88,10 @@ class Preemption:
 
 def install(runtime: Runtime) -> None:
     """Catch the preemption signals for the scope's lifetime (main thread only; Python's rule)."""
-    if threading.current_thread() is not threading.main_thread():
+    if (
+        runtime.settings.preemption_exit_code is None
+        or threading.current_thread() is not threading.main_thread()
+    ):
         return
     state = Preemption(runtime_state=runtime.state)
     for signum in SIGNALS:

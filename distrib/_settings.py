@@ -59,7 +59,7 @@ class Settings(_validation.KeywordFields):
     straggler_report_every: int | None = None
     straggler_threshold: float = 0.2
     debug_collectives: bool = False
-    preemption_exit_code: int = 75
+    preemption_exit_code: int | None = 75
     ddp: DDPOptions = field(default_factory=DDPOptions)
     fsdp: FSDPOptions = field(default_factory=FSDPOptions)
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
@@ -92,9 +92,10 @@ class Settings(_validation.KeywordFields):
                 f"Settings.straggler_threshold={self.straggler_threshold} must be > 0 (0.2 flags ranks more "
                 "than 20% slower than the median)."
             )
-        if not 0 <= self.preemption_exit_code <= 255:
+        if self.preemption_exit_code is not None and not 0 <= self.preemption_exit_code <= 255:
             raise SettingsError(
-                f"Settings.preemption_exit_code={self.preemption_exit_code} must be an exit status, 0 to 255."
+                f"Settings.preemption_exit_code={self.preemption_exit_code} must be an exit status, 0 to 255, "
+                "or None to leave SIGTERM and SIGUSR1 alone."
             )
 
     def replace(self, **changes: Any) -> Settings:

@@ -49,13 +49,21 @@ class Converted(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class OptionalFloat(click.FloatRange):
-    """A float (within bounds), or `none`/`off` for None (`--stall-timeout none`)."""
+class _NoneOr(click.ParamType):
+    """A number (within bounds), or `none`/`off` for None (`--stall-timeout none`)."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off")):
             return "none"  # the flag was given: a value the table turns into None
         return super().convert(value, param, ctx)
+
+
+class OptionalFloat(_NoneOr, click.FloatRange):
+    pass
+
+
+class OptionalInt(_NoneOr, click.IntRange):
+    pass
 
 
 def _is_optional(tp: Any) -> bool:
@@ -73,11 +81,11 @@ def click_type(row: Row) -> Any:
     if tp is float and _is_optional(row.type):
         return OptionalFloat(row.minimum, row.maximum)
     if tp is int:
-        if row.minimum is None and row.maximum is None:
-            return click.INT
         low = None if row.minimum is None else int(row.minimum)
         high = None if row.maximum is None else int(row.maximum)
-        return click.IntRange(low, high)
+        if _is_optional(row.type):
+            return OptionalInt(low, high)
+        return click.INT if low is None and high is None else click.IntRange(low, high)
     if tp is float:
         return click.FloatRange(row.minimum, row.maximum)
     return click.STRING

@@ -181,7 +181,9 @@ def finishing_a_save(pcontext: Any, plan: LaunchPlan, state: Any) -> bool:
     others still run: give them the grace period to finish the same checkpoint or dump and leave by
     themselves before the agent stops them (`state._preempted_since` remembers when the first one left)."""
     codes = exit_codes(pcontext)
-    together = {plan.preemption_exit_code, failures.STALL_EXIT_CODE}
+    together = {failures.STALL_EXIT_CODE}
+    if plan.preemption_exit_code is not None:
+        together.add(plan.preemption_exit_code)
     running = [c for c in codes.values() if c is None]
     if (
         not running

@@ -144,7 +144,7 @@ def _failed(plan: LaunchPlan, agent: Any) -> WorkersFailed:
     """The report of the attempt that failed last (with crash-loop and preemption verdicts)."""
     last = agent.failed[-1]
     found = last.failures
-    if agent.preempted:
+    if agent.preempted and plan.preemption_exit_code is not None:
         return WorkersPreempted(
             f"distrib: preempted: the workers saved and exited with code {plan.preemption_exit_code} "
             "(preemption_exit_code) after a SIGTERM/SIGUSR1 reached them. Run the same command again to "
@@ -186,7 +186,7 @@ def _stopped(plan: LaunchPlan, agent: Any, sigval: Any) -> WorkersFailed:
     for rank, record in records.read_records(agent.directory).items():
         codes.setdefault(rank % max(1, plan.processes_per_machine), record.exit_code)
     code = plan.preemption_exit_code
-    if codes and all(c == code for c in codes.values()):
+    if code is not None and codes and all(c == code for c in codes.values()):
         return WorkersPreempted(
             f"distrib: received {name} and forwarded it to the workers, which saved and exited with code "
             f"{code} (preempted). Run the same command again to resume from their checkpoint.",

@@ -227,10 +227,12 @@ def failed_step(found: list[WorkerFailure], exits: Mapping[int, records.WorkerRe
     return min((s for s in steps if s is not None), default=None)
 
 
-def preempted(found: list[WorkerFailure], preemption_exit_code: int) -> bool:
+def preempted(found: list[WorkerFailure], preemption_exit_code: int | None) -> bool:
     """Every worker that ended by itself left with the preemption exit code (saved, "try again")."""
+    if not preemption_exit_code:  # None (not caught) or 0 (indistinguishable from success)
+        return False
     own = [f for f in found if not f.stopped_by_launcher]
-    return bool(own) and preemption_exit_code > 0 and all(f.exitcode == preemption_exit_code for f in own)
+    return bool(own) and all(f.exitcode == preemption_exit_code for f in own)
 
 
 def exit_code(failure: WorkerFailure) -> int:

@@ -237,7 +237,8 @@ ROWS: tuple[Row, ...] = (
     Row(
         "preemption_exit_code",
         "Exit code of a run that saved and stopped after SIGTERM/SIGUSR1 (preemption; default 75, "
-        "EX_TEMPFAIL); the launcher then exits with it too: 'try again'.",
+        "EX_TEMPFAIL); the launcher then exits with it too: 'try again'. 'none': the workers leave the "
+        "signals alone (no save, and no agreement on them at every optimizer step).",
         T,
         minimum=0,
         maximum=255,

@@ -120,9 +120,11 @@ class LaunchPlan:
         return dict(self.environment)
 
     @property
-    def preemption_exit_code(self) -> int:
-        """The exit code with which workers say "preempted, saved, try again" (the setting's value)."""
-        return int(dict(self.settings).get("preemption_exit_code", Settings.preemption_exit_code))
+    def preemption_exit_code(self) -> int | None:
+        """The exit code with which workers say "preempted, saved, try again" (the setting's value;
+        None: the workers do not catch the signals)."""
+        value = dict(self.settings).get("preemption_exit_code", Settings.preemption_exit_code)
+        return None if value is None else int(value)
 
     def worker_args(self) -> tuple[str, ...]:
         """The interpreter arguments of every worker: the bootstrap module, then the user's target."""
@@ -166,7 +168,11 @@ class LaunchPlan:
             f"  failures      : checked every {self.monitor_interval:g} s; up to {self.max_restarts} restart(s) "
             "of the worker group",
             f"  signals       : SIGTERM/SIGUSR1 forwarded to the workers, killed {self.grace_period:g} s later; "
-            f"exit code {self.preemption_exit_code} means preempted",
+            + (
+                f"exit code {self.preemption_exit_code} means preempted"
+                if self.preemption_exit_code is not None
+                else "the workers do not catch them (preemption_exit_code=None)"
+            ),
             f"  worker command: {shlex.join([sys.executable, *self.worker_args()])}",
             "  settings      : "
             + (", ".join(f"{k}={v!r}" for k, v in self.flat_settings().items()) or "(defaults)"),

@@ -202,6 +202,9 @@ def test_timeout_flags_reach_the_workers():
     )
     assert "DISTRIB_STALL_TIMEOUT=45.0" in out and "DISTRIB_PREEMPTION_EXIT_CODE=99" in out
     assert "exit code 99 means preempted" in out
+    code, out = invoke("launch", "--dry-run", "--preemption-exit-code", "none", "--cpu", "train.py")
+    assert code == 0, out
+    assert "DISTRIB_PREEMPTION_EXIT_CODE=none" in out and "the workers do not catch them" in out
 
 
 def _alias_value(row) -> list[str]:

@@ -134,6 +134,7 @@ def test_preemption_and_the_failed_step():
     assert failures.preempted(saved, 75)
     assert not failures.preempted([failure(0, 75, 1.0), failure(1, 1, 1.1)], 75)
     assert not failures.preempted([failure(0, 1, 1.0)], 75)
+    assert not failures.preempted(saved, None), "preemption_exit_code=None: the workers catch no signal"
     exits = {0: records.WorkerRecord(0, 1, 1.0, step=7), 1: records.WorkerRecord(1, 1, 1.0, step=None)}
     assert failures.failed_step([failure(0, 1, 1.0, traceback="x")], exits) == 7
     assert failures.failed_step([failure(2, 1, 1.0, traceback="x")], exits) is None

@@ -43,3 +43,10 @@ def test_handlers_are_restored_when_the_scope_closes():
         with distributed(cpu=True):
             assert signal.getsignal(signal.SIGUSR1) is not before
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_preemption_exit_code_none_leaves_the_signals_alone():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    with distributed(cpu=True, preemption_exit_code=None) as ctx:
+        assert {s: signal.getsignal(s) for s in before} == before
+        assert "preemption" not in ctx.state.extensions
