@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from .errors import DistribWarning
+from .errors import CollectiveMismatchError, DistribWarning
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -62,6 +62,7 @@ class Preemption:
     idle_every: int = 1  # agreed: the most boundaries between agreements while no optimizer steps
     gap: int = 1  # boundaries from the last agreement to the next one while no optimizer steps
     agreed_at: float = 0.0  # when this rank started the last agreement (for its proposal only)
+    where: int = 0  # which prepared loader, at which batch, started the agreement in flight
 
     def handle(self, signum: int, frame: Any) -> None:
         if self.requested:  # a second signal: stop now, as if no handler were installed
@@ -112,14 +113,16 @@ def _rearm_launcher_stack_dump() -> None:
 
 def _uninstall(state: Preemption) -> None:
     if state.pending is not None:  # every rank started it at the same boundary: it completes; then the
-        _read_pending(state)  # process group is no longer held by it and can be destroyed
+        work, _ = state.pending  # process group is no longer held by it and can be destroyed
+        state.pending = None
+        work.wait()
     for signum, handler in state.previous_handlers.items():
         signal.signal(signum, handler)
     state.previous_handlers.clear()
     _rearm_launcher_stack_dump()
 
 
-def at_step_boundary(runtime: Runtime) -> None:
+def at_step_boundary(runtime: Runtime, loader: Any) -> None:
     """Called by prepared dataloaders before the first batch of each accumulation window."""
     state: Preemption | None = runtime.state.extensions.get(_KEY)
     if state is None:
@@ -133,7 +136,7 @@ def at_step_boundary(runtime: Runtime) -> None:
     stepped = steps != state.steps_seen
     if not stepped and state.since_agreement < state.gap:
         return
-    agreed = _read_pending(state)
+    agreed = _read_pending(state, runtime.rank)
     if agreed:
         _save_and_exit(runtime, state)
     state.gap = 1 if stepped else min(2 * state.gap, state.idle_every)
@@ -143,9 +146,21 @@ def at_step_boundary(runtime: Runtime) -> None:
     state.steps_seen, state.since_agreement, state.agreed_at = steps, 0, now
     if state.device is None:
         state.device = _agreement_device(runtime)
-    # one all-reduce (MAX) carries the flag and, negated, the smallest proposal for idle_every
-    message = torch.tensor([state.requested, -proposal], dtype=torch.int64, device=state.device)
+    # one all-reduce (MAX) carries the flag, the smallest proposal for idle_every (negated), and the
+    # largest and smallest of where the ranks are, which differ when one runs a loader the others do not
+    state.where = _where(runtime, loader)
+    message = torch.tensor(
+        [state.requested, -proposal, state.where, -state.where],
+        dtype=torch.int64,
+        device=state.device,
+    )
     state.pending = (dist.all_reduce(message, op=dist.ReduceOp.MAX, async_op=True), message)
+
+
+def _where(runtime: Runtime, loader: Any) -> int:
+    """Which prepared loader (in the order of preparation) at which batch: equal on every rank in step."""
+    index = next((i for i, other in enumerate(runtime.state.dataloaders) if other is loader), 255)
+    return (index << 32) | (int(getattr(loader, "batches_yielded", 0)) & 0xFFFFFFFF)
 
 
 def _agreement_device(runtime: Runtime) -> torch.device:
@@ -154,14 +169,24 @@ def _agreement_device(runtime: Runtime) -> torch.device:
     return torch.device("cpu") if "gloo" in str(dist.get_backend()) else runtime.collective_device
 
 
-def _read_pending(state: Preemption) -> int:
+def _read_pending(state: Preemption, rank: int) -> int:
     """Wait for the agreement in flight; adopt its `idle_every` and return the agreed signal (0: none)."""
     if state.pending is None:
         return 0
     work, message = state.pending
     state.pending = None
     work.wait()
-    signum, negated = message.tolist()
+    signum, negated, most, fewest = message.tolist()
+    if most != -fewest:
+        raise CollectiveMismatchError(
+            f"rank {rank} is out of step with the others: its prepared dataloader #{state.where >> 32} (in the "
+            "order they were prepared) reached an optimizer-step boundary that the other ranks did not reach "
+            "with it. A prepared DataLoader was iterated on some ranks only (for example an evaluation under "
+            "`if ctx.rank == 0:`), and the collective it makes at each step boundary (the preemption "
+            "agreement) has no partner on the others. Iterate prepared dataloaders on every rank "
+            "(gather_for_metrics() collects the results), or iterate the plain, unprepared DataLoader on the "
+            "one rank."
+        )
     state.idle_every = -negated
     return int(signum)
 

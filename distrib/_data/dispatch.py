@@ -103,7 +103,7 @@ class DispatchedDataLoader(PreparedDataLoader):
         state, watch = self.runtime.state, "preemption" in self.runtime.state.extensions
         while True:
             if watch and state.micro_step == 0:
-                at_step_boundary(self.runtime)  # before the next global batch is read and sent
+                at_step_boundary(self.runtime, self)  # before the next global batch is read and sent
             received = self._receive(self._next_payload(source))
             if received is None:
                 return

@@ -338,7 +338,7 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
         agreed_until = self._batches_on_every_rank(count)
         while True:
             if boundary is not None and state.micro_step == 0 and count <= agreed_until:
-                boundary(self.runtime)  # before the first batch of a window: preemption is agreed here
+                boundary(self.runtime, self)  # before the first batch of a window: preemption is agreed here
             batch = next(iterator, _END)
             if batch is _END:
                 return
@@ -371,13 +371,13 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
             return
         for upcoming in iterator:
             if watch and state.micro_step == 0:
-                at_step_boundary(self.runtime)
+                at_step_boundary(self.runtime, self)
             count += 1
             self.batches_yielded = count
             yield send_to_device(batch, self._device, non_blocking=True) if self._move else batch
             batch = upcoming
         if watch and state.micro_step == 0:
-            at_step_boundary(self.runtime)
+            at_step_boundary(self.runtime, self)
         self.batches_yielded = count + 1
         self.end_of_dataloader = True
         yield send_to_device(batch, self._device, non_blocking=True) if self._move else batch

@@ -9,13 +9,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 from distrib import distributed, gather, prepare
 from distrib._preemption import MAX_IDLE_EVERY
-from distrib.testing import run_ranks
+from distrib.testing import RanksFailed, run_ranks
 
 BATCHES = 300
 
@@ -91,3 +92,29 @@ def test_training_agrees_at_every_step_and_evaluation_seldom(tmp_path: Path):
         assert out["training"] == 11, out
         # 100 batches: the gap doubles from 1 up to the agreed cadence
         assert 3 <= out["evaluation"] < 100 // 4, out
+
+
+def _evaluation_on_rank_0_only() -> None:
+    with distributed(cpu=True, stall_timeout=60) as ctx:
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        train = DataLoader(TensorDataset(torch.randn(32, 2)), batch_size=2)
+        evaluation = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=2)
+        model, optimizer, train, evaluation = prepare(model, optimizer, train, evaluation)
+        for _ in range(2):
+            for (x,) in train:
+                model(x).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            if ctx.rank == 0:  # the misuse: a prepared loader iterated by one rank
+                with torch.no_grad():
+                    for (x,) in evaluation:
+                        model(x)
+
+
+def test_a_prepared_loader_iterated_on_one_rank_is_named_not_a_gloo_abort():
+    with pytest.raises(RanksFailed) as failed:
+        run_ranks(_evaluation_on_rank_0_only, 2, timeout=240)
+    text = str(failed.value)
+    assert "CollectiveMismatchError: rank 0 is out of step" in text, text
+    assert "prepared dataloader #1" in text and "iterated on some ranks only" in text
