@@ -270,8 +270,9 @@ class DurableFile:
 # --- reading ---------------------------------------------------------------------------------------
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    """Fill `view` from the file at `offset`, hashing slice by slice; returns the CRC (EOF is an error)."""
+def _pread_into(fd: int, view: memoryview, offset: int, hashing: bool = True) -> int:
+    """Fill `view` from the file at `offset`, hashing slice by slice unless told not to; returns the CRC
+    (0 when not hashing; EOF is an error)."""
     crc = 0
     for start in range(0, len(view), _SLICE):
         part = view[start : start + _SLICE]
@@ -281,7 +282,8 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
             if n == 0:
                 raise EOFError(f"the file ended at byte {offset + start + done}")
             done += n
-        crc = crc32c(part, crc)
+        if hashing:
+            crc = crc32c(part, crc)
     return crc
 
 
@@ -302,7 +304,8 @@ def _hash_range(fd: int, offset: int, length: int) -> int:
 
 class Ranges:
     """Read consecutive ranges of one file into caller-given buffers, in parallel, and check the file's
-    CRC over all of them (the ranges must cover the file from byte 0 to its end, in order).
+    CRC over all of them, when one is expected (the ranges must cover the file from byte 0 to its end, in
+    order; `crc=None` checks the size only, and hashes nothing).
 
     Example::
 
@@ -334,11 +337,17 @@ class Ranges:
         """Queue reading the next `len(view)` bytes of the file into `view`."""
         for start in range(0, len(view), PIECE):
             part = view[start : start + PIECE]
-            self._parts.append((pool().submit(_pread_into, self._fd, part, self._pos), len(part)))
+            self._parts.append(
+                (pool().submit(_pread_into, self._fd, part, self._pos, self._expected is not None), len(part))
+            )
             self._pos += len(part)
 
     def skip(self, nbytes: int) -> None:
-        """Read and hash the next `nbytes` without keeping them (in per-thread scratch buffers)."""
+        """Read and hash the next `nbytes` without keeping them (in per-thread scratch buffers); with no
+        CRC to check there is nothing to read them for (the size was checked when the file was opened)."""
+        if self._expected is None:
+            self._pos += nbytes
+            return
         end = self._pos + nbytes
         while self._pos < end:
             length = min(end - self._pos, PIECE)
@@ -350,7 +359,9 @@ class Ranges:
         try:
             crc = 0
             for future, length in self._parts:
-                crc = combine(crc, future.result(), length)
+                part = future.result()
+                if self._expected is not None:
+                    crc = combine(crc, part, length)
         except EOFError as e:
             raise CheckpointCorruptError(f"{str(self.path)!r} is shorter than its manifest says: {e}") from e
         except OSError as e:
