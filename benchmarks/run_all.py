@@ -139,6 +139,11 @@ NOTES: dict[str, list[str]] = {
         "dataloader +6 to 12 µs per batch (the index sharding; see the dataloader section). That is 10-15 µs "
         "per step in all: under 1% of the steps measured here (1-2 ms of CPU for the MLP on this loaded "
         "machine), a few percent of a sub-millisecond step on an idle core.",
+        "On top of that, by default, the preemption agreement: one asynchronous gloo all-reduce of 32 bytes "
+        "per optimizer step (SIGTERM/SIGUSR1 on any rank is agreed at the next step). A gloo all-reduce costs "
+        "0.2-0.3 ms of CPU on this machine, where 2 ranks share 2 cores with gloo's threads, which is most "
+        "of the gap on the MLP; the `guards` section measures it directly (with / without, paired rounds). "
+        "`preemption_exit_code=None` turns it off. Accelerate has no such agreement.",
         "`mlp/bf16`, the largest wall-clock gap: a py-spy profile of the raw and distrib loops of that "
         "case in one launch gives them the same number of samples (2621 and 2620); forward, loss, backward "
         "and AdamW take the same shares in both, and distrib's own frames are under 1.5%. No hot spot "
