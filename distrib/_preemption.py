@@ -57,7 +57,7 @@ class Preemption:
     device: torch.device | None = None  # where the flag travels (see _agreement_device)
     previous_handlers: dict[int, Any] = field(default_factory=dict)
     runtime_state: Any = None  # the scope's state: is a prepared dataloader iterating?
-    steps_seen: int = -1  # optimizer steps at the last agreement
+    steps_seen: int | None = None  # optimizer steps at the last agreement; None: agree at the next boundary
     since_agreement: int = 0  # boundaries since the last agreement
     idle_every: int = 1  # agreed: the most boundaries between agreements while no optimizer steps
     gap: int = 1  # boundaries from the last agreement to the next one while no optimizer steps
@@ -133,7 +133,7 @@ def at_step_boundary(runtime: Runtime, loader: Any) -> None:
         return
     state.since_agreement += 1
     steps = runtime.state.optimizer_steps
-    stepped = steps != state.steps_seen
+    stepped = state.steps_seen is None or steps != state.steps_seen
     if not stepped and state.since_agreement < state.gap:
         return
     agreed = _read_pending(state, runtime.rank)
@@ -158,9 +158,27 @@ def at_step_boundary(runtime: Runtime, loader: Any) -> None:
 
 
 def _where(runtime: Runtime, loader: Any) -> int:
-    """Which prepared loader (in the order of preparation) at which batch: equal on every rank in step."""
-    index = next((i for i, other in enumerate(runtime.state.dataloaders) if other is loader), 255)
-    return (index << 32) | (int(getattr(loader, "batches_yielded", 0)) & 0xFFFFFFFF)
+    """Which prepared loader (in the order of preparation), how many batches into this iteration: equal
+    on every rank in step (a resumed loader's own batch count may differ between ranks; this does not)."""
+    index = next(
+        (
+            i
+            for i, other in enumerate(runtime.state.dataloaders)
+            if loader in (other, getattr(other, "loader", None))
+        ),
+        255,
+    )
+    done = int(getattr(loader, "batches_yielded", 0)) - int(getattr(loader, "start_batch", 0))
+    return (index << 32) | (done & 0xFFFFFFFF)
+
+
+def loader_ended(runtime: Runtime) -> None:
+    """A prepared loader whose ranks had different numbers of batches (a ragged tail) ended: the ranks may
+    have taken different numbers of optimizer steps in that tail, so the next boundary agrees on every
+    rank, whatever each one's step count says."""
+    state: Preemption | None = runtime.state.extensions.get(_KEY)
+    if state is not None:
+        state.steps_seen = None
 
 
 def _agreement_device(runtime: Runtime) -> torch.device:
@@ -179,11 +197,11 @@ def _read_pending(state: Preemption, rank: int) -> int:
     signum, negated, most, fewest = message.tolist()
     if most != -fewest:
         raise CollectiveMismatchError(
-            f"rank {rank} is out of step with the others: its prepared dataloader #{state.where >> 32} (in the "
-            "order they were prepared) reached an optimizer-step boundary that the other ranks did not reach "
-            "with it. A prepared DataLoader was iterated on some ranks only (for example an evaluation under "
-            "`if ctx.rank == 0:`), and the collective it makes at each step boundary (the preemption "
-            "agreement) has no partner on the others. Iterate prepared dataloaders on every rank "
+            f"the ranks' prepared dataloaders are out of step: on rank {rank}, prepared dataloader "
+            f"#{state.where >> 32} (in the order they were prepared) reached an optimizer-step boundary that "
+            "another rank reached elsewhere. A prepared DataLoader was iterated on some ranks only (for example "
+            "an evaluation under `if ctx.rank == 0:`), and the collective it makes at each step boundary (the "
+            "preemption agreement) has no partner on the others. Iterate prepared dataloaders on every rank "
             "(gather_for_metrics() collects the results), or iterate the plain, unprepared DataLoader on the "
             "one rank."
         )

@@ -3,9 +3,11 @@ state, the run gets one merged diagnosis naming the rank that is not in the coll
 
 Each rank runs one daemon thread that wakes every `stall_timeout / 10` seconds (at most every 5 s) and
 samples, without touching the training thread: the collectives it finished (the ledger), its optimizer
-steps, the position of the dataloader it iterates, where its scope thread's Python code is, and that
-thread's CPU time outside collectives (a rank inside one long C call, or spinning in a loop whose frame
-the sampler happens to catch at the same instruction, is busy, not stuck). Any change is progress. A rank that has seen none for `stall_timeout` counts itself idle in the process
+steps, the position of the dataloader it iterates, where its scope thread's Python code is, and, when
+the rank computes on the CPU, that thread's CPU time outside collectives (a rank inside one long C call,
+or spinning in a loop whose frame the sampler happens to catch at the same instruction, is busy, not
+stuck). On an accelerator the CPU time is left out: a wait behind a hung NCCL kernel spins the CPU
+(CUDA's default), and that wait is what the watchdog is for. Any change is progress. A rank that has seen none for `stall_timeout` counts itself idle in the process
 group's store; when every rank is idle (a rank that left the run counts as idle) the run is stalled:
 
 * every rank writes its dump (`_diagnosis.py`) into `DISTRIB_DIAGNOSTICS_DIR` when `distrib launch` set
@@ -16,8 +18,8 @@ group's store; when every rank is idle (a rank that left the run counts as idle)
   every dump: a hung collective cannot be interrupted, and waiting for torch's process-group timeout
   would only burn the allocation.
 
-A rank that spins (a Python loop, or a CUDA synchronisation waiting on a hung NCCL kernel) burns CPU
-and so is not idle: such a hang ends at the process-group timeout (`timeout`) instead. Costs nothing on the training thread; one store request per
+A rank that spins in Python keeps changing its frame (and on the CPU burns CPU time) and so is not idle:
+such a hang ends at the process-group timeout (`timeout`) instead. Costs nothing on the training thread; one store request per
 rank per wake-up while idle.
 """
 
@@ -64,6 +66,7 @@ class Watchdog:
         self.idle = False
         self._exit = os._exit  # replaced in tests that must not end the process
         self._cpu_seen: tuple[float | None, float] = (None, 0.0)
+        self._cpu_counts = runtime.device.type == "cpu"
 
     def start(self) -> None:
         self._thread.start()
@@ -86,7 +89,7 @@ class Watchdog:
         """Whether the scope thread spent CPU outside a collective since the last call."""
         cpu, now = _thread_cpu_time(self.scope_thread), time.monotonic()
         (cpu_before, then), self._cpu_seen = self._cpu_seen, (cpu, now)
-        if cpu is None or cpu_before is None or self.ledger.current is not None:
+        if not self._cpu_counts or cpu is None or cpu_before is None or self.ledger.current is not None:
             return False
         return cpu - cpu_before >= BUSY_CPU_SHARE * (now - then)
 

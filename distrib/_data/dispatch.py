@@ -96,6 +96,10 @@ class DispatchedDataLoader(PreparedDataLoader):
         return DataLoader.__len__(self)
 
     # -- iteration -----------------------------------------------------------------------------------------
+    def _ragged(self) -> bool:
+        # without even_batches the last global batch can leave some ranks with nothing
+        return not self.runtime.settings.even_batches
+
     def _batches(self) -> Iterator[Any]:
         self._remainder = None
         source = self._rank0_stream() if self.runtime.rank == 0 else None

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader
 
-from .._preemption import at_step_boundary
+from .._preemption import at_step_boundary, loader_ended
 from .._runtime import current
 from .._straggler import timed_batches
 from .._tree import send_to_device
@@ -319,6 +319,8 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
         finally:
             self._trains = self._trains or self._stepped()
             self._iterating = False
+            if self._ragged():
+                loader_ended(self.runtime)
             self.end_of_dataloader = True
             if state.active_dataloader is self:
                 state.active_dataloader = previous
@@ -346,6 +348,10 @@ class PreparedDataLoader(DataLoader):  # type: ignore[type-arg]
             set_attribute(self, "batches_yielded", count)
             set_attribute(self, "end_of_dataloader", count >= total)
             yield send_to_device(batch, device, non_blocking=True) if move else batch
+
+    def _ragged(self) -> bool:
+        """Whether the ranks may get different numbers of batches in an epoch (`even_batches=False`)."""
+        return not self.shard.cutter.same_count_everywhere()
 
     def _batches_on_every_rank(self, start_batch: int) -> float:
         """The count of batches yielded up to which every rank of the epoch is still iterating, so the

@@ -116,5 +116,33 @@ def test_a_prepared_loader_iterated_on_one_rank_is_named_not_a_gloo_abort():
     with pytest.raises(RanksFailed) as failed:
         run_ranks(_evaluation_on_rank_0_only, 2, timeout=240)
     text = str(failed.value)
-    assert "CollectiveMismatchError: rank 0 is out of step" in text, text
-    assert "prepared dataloader #1" in text and "iterated on some ranks only" in text
+    assert "CollectiveMismatchError: the ranks' prepared dataloaders are out of step" in text, text
+    assert "on rank 0, prepared dataloader #1" in text and "iterated on some ranks only" in text
+
+
+def _ragged_training_then_evaluation() -> int:
+    from distrib import join_uneven_inputs
+
+    with distributed(cpu=True, even_batches=False, stall_timeout=60) as ctx:
+        model = torch.nn.Linear(1, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        train = DataLoader(TensorDataset(torch.randn(3, 1)), batch_size=1)  # rank 0: 2 batches, rank 1: 1
+        evaluation = DataLoader(TensorDataset(torch.randn(40, 1)), batch_size=1)
+        model, optimizer, train, evaluation = prepare(model, optimizer, train, evaluation)
+        with join_uneven_inputs(model):
+            for (x,) in train:  # rank 0 steps once more than rank 1, in the ragged tail
+                model(x).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        seen = 0
+        with torch.no_grad():
+            for (x,) in evaluation:
+                model(x)
+                seen += 1
+        return seen + 0 * ctx.rank
+
+
+def test_different_step_counts_in_a_ragged_tail_do_not_put_the_agreements_out_of_step():
+    # each rank decides where to agree from its own optimizer steps; after a ragged tail they differ, so
+    # the loader's end makes the next boundary agree everywhere
+    assert run_ranks(_ragged_training_then_evaluation, 2, timeout=240) == [20, 20]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from distrib import _diagnosis
@@ -208,6 +209,12 @@ def test_progress_is_what_the_scope_thread_does(one_rank_group):
     assert watchdog._sample()[1] != first[1], "an optimizer step is progress"
 
 
+def _runtime_on(device):
+    import dataclasses
+
+    return dataclasses.replace(_runtime(), device=device)
+
+
 def test_a_thread_busy_on_the_cpu_is_progress_even_where_its_frame_stands_still(one_rank_group):
     from distrib._ledger import Ledger
     from distrib._watchdog import Watchdog
@@ -242,6 +249,14 @@ def test_a_thread_busy_on_the_cpu_is_progress_even_where_its_frame_stands_still(
                 time.sleep(0.3)
                 assert watchdog._busy() is False
                 ledger.current = None
+                # on a GPU, a CPU spinning at a synchronisation behind a hung NCCL kernel is no progress
+                gpu = Watchdog(
+                    _runtime_on(torch.device("cuda", 0)), ledger, stall_timeout=100, directory=Path("/x")
+                )
+                gpu.scope_thread = thread.ident
+                gpu._busy()
+                time.sleep(0.3)
+                assert gpu._busy() is False
         finally:
             stop.set()
             thread.join()

@@ -50,3 +50,20 @@ def test_preemption_exit_code_none_leaves_the_signals_alone():
     with distributed(cpu=True, preemption_exit_code=None) as ctx:
         assert {s: signal.getsignal(s) for s in before} == before
         assert "preemption" not in ctx.state.extensions
+
+
+def test_where_a_loader_is_counts_batches_of_this_iteration_not_of_the_epoch():
+    from distrib._preemption import _where
+    from distrib._runtime import current
+
+    with distributed(cpu=True):
+        first = prepare(DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2))
+        second = prepare(DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2))
+        runtime = current("test")
+        # a loader resumed mid-epoch may start at different batch counts on different ranks
+        first.start_batch, first.batches_yielded = 1, 3
+        at_one = _where(runtime, first)
+        first.start_batch, first.batches_yielded = 0, 2
+        assert _where(runtime, first) == at_one
+        second.start_batch, second.batches_yielded = 0, 2
+        assert _where(runtime, second) != at_one, "another loader at the same batch is somewhere else"
