@@ -7,8 +7,8 @@ steps, the position of the dataloader it iterates, where its scope thread's Pyth
 the rank computes on the CPU, that thread's CPU time outside collectives (a rank inside one long C call,
 or spinning in a loop whose frame the sampler happens to catch at the same instruction, is busy, not
 stuck). On an accelerator the CPU time is left out: a wait behind a hung NCCL kernel spins the CPU
-(CUDA's default), and that wait is what the watchdog is for. Any change is progress. A rank that has seen none for `stall_timeout` counts itself idle in the process
-group's store; when every rank is idle (a rank that left the run counts as idle) the run is stalled:
+(CUDA's default), and that wait is what the watchdog is for. Any change is progress. A rank that has
+seen none for `stall_timeout` counts itself idle in the process group's store; when every rank is idle (a rank that left the run counts as idle) the run is stalled:
 
 * every rank writes its dump (`_diagnosis.py`) into `DISTRIB_DIAGNOSTICS_DIR` when `distrib launch` set
   one (the launcher prints the merged diagnosis), else prints it to stderr;
@@ -87,9 +87,11 @@ class Watchdog:
 
     def _busy(self) -> bool:
         """Whether the scope thread spent CPU outside a collective since the last call."""
+        if not self._cpu_counts:
+            return False
         cpu, now = _thread_cpu_time(self.scope_thread), time.monotonic()
         (cpu_before, then), self._cpu_seen = self._cpu_seen, (cpu, now)
-        if not self._cpu_counts or cpu is None or cpu_before is None or self.ledger.current is not None:
+        if cpu is None or cpu_before is None or self.ledger.current is not None:
             return False
         return cpu - cpu_before >= BUSY_CPU_SHARE * (now - then)
 
